@@ -1,0 +1,45 @@
+# jaxprune: `make demo` and `make test` set up .venv on first use, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint format bench clean
+
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxprune needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+$(DEV): pyproject.toml $(RUNTIME)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: $(RUNTIME)
+	$(VENV)/bin/jaxprune run experiments/configs/demo.yaml
+
+test: $(DEV)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(DEV)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(DEV)
+	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks
+	$(VENV)/bin/ruff format --check jaxprune tests experiments benchmarks
+
+format: $(DEV)
+	$(VENV)/bin/ruff format jaxprune tests experiments benchmarks
+	$(VENV)/bin/ruff check --fix jaxprune tests experiments benchmarks
+
+bench: $(RUNTIME)
+	$(PY) benchmarks/objective_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

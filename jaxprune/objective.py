@@ -1,0 +1,228 @@
+"""The softmax-aware pruning objective of Liang et al. (ICLR 2025), merged and factored forms.
+
+Merged form (the paper's): one matrix ``W`` (d x d) acts as ``S = X W X^T`` and a relaxed mask ``M``
+of the same shape gives
+
+    L(M) = 1/2 ||f(M ∘ W) - f(W)||_F^2 + lam/2 ||M||_F^2,   f(W) = D^-1 (C ∘ exp(X W X^T)).
+
+Factored form (real models): masks on the query and key projections of one layer,
+``W_Q: d x (h*dh)`` and ``W_K: d x (g*dh)``, grouped-query attention (query head ``i`` uses key head
+``i // (h/g)``), rotary embeddings on the projected queries and keys and the ``1/sqrt(dh)`` scale.
+Each head has its own attention matrix; the attention term is summed over heads. The single-head
+function is written once and batched with ``vmap`` over heads, and over layers.
+
+With a leading batch axis on ``x`` (several calibration sequences) the attention term is the mean
+over sequences. All functions are pure and jit-able.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxprune.attention import attention_probs
+from jaxprune.rope import apply_rope, rope_cos_sin
+
+
+def _batched(x: jax.Array) -> jax.Array:
+    if x.ndim == 2:
+        return x[None]
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (n, d) or (b, n, d), got {x.shape}.")
+    return x
+
+
+def merged_attention(
+    weight: Float[Array, "d d"], x: Float[Array, "*b n d"], causal: bool = True
+) -> Float[Array, "*b n n"]:
+    """``f(W) = D^-1 (C ∘ exp(X W X^T))`` for one or several sequences."""
+    logits = jnp.einsum("...nd,de,...me->...nm", x, weight, x)
+    return attention_probs(logits, causal=causal)
+
+
+def attention_pruning_loss(
+    mask: Float[Array, "d d"],
+    weight: Float[Array, "d d"],
+    x: Float[Array, "*b n d"],
+    *,
+    lam: float,
+    causal: bool = True,
+) -> Float[Array, ""]:
+    """The paper's loss ``1/2 ||f(M∘W) - f(W)||_F^2 + lam/2 ||M||_F^2``.
+
+    Args:
+      mask: relaxed mask ``M``, shape ``(d, d)``.
+      weight: the merged attention weight ``W``, shape ``(d, d)``.
+      x: inputs ``(n, d)``, or ``(b, n, d)`` for ``b`` sequences (attention term averaged).
+      lam: weight ``lambda`` of the ``||M||_F^2`` regulariser.
+      causal: use the causal mask ``C``.
+
+    Returns:
+      The scalar loss.
+    """
+    return _merged_terms(mask, weight, x, causal)[0] + 0.5 * lam * jnp.sum(mask * mask)
+
+
+def _merged_terms(mask, weight, x, causal):
+    x = _batched(x)
+    diff = merged_attention(mask * weight, x, causal) - merged_attention(weight, x, causal)
+    return 0.5 * jnp.mean(jnp.sum(diff * diff, axis=(-2, -1))), diff
+
+
+def attention_pruning_grad(
+    mask: Float[Array, "d d"],
+    weight: Float[Array, "d d"],
+    x: Float[Array, "*b n d"],
+    *,
+    lam: float,
+    causal: bool = True,
+) -> Float[Array, "d d"]:
+    """Closed-form gradient ``W ∘ (X^T p X) + lam M`` of :func:`attention_pruning_loss`.
+
+    ``c = f(M∘W) - f(W)`` and ``p = f∘c - diag((f∘c) 1) f`` (``f = f(M∘W)``): ``p`` is ``c`` pulled
+    back through the row-wise softmax Jacobian. Same arguments as the loss.
+
+    Returns:
+      The gradient, shape ``(d, d)``.
+    """
+    x = _batched(x)
+    f = merged_attention(mask * weight, x, causal)
+    c = f - merged_attention(weight, x, causal)
+    fc = f * c
+    p = fc - jnp.sum(fc, axis=-1, keepdims=True) * f
+    xtpx = jnp.einsum("bna,bnm,bmc->ac", x, p, x) / x.shape[0]
+    return weight * xtpx + lam * mask
+
+
+# ----------------------------------------------------------------------------- factored form
+
+
+def qk_head_probs(
+    wq: Float[Array, "d dh"],
+    wk: Float[Array, "d dh"],
+    x: Float[Array, "b n d"],
+    rope: tuple[Float[Array, "n dh"], Float[Array, "n dh"]] | None,
+    causal: bool = True,
+    query_idx: Int[Array, " r"] | None = None,
+) -> Float[Array, "b r n"]:
+    """Attention probabilities of one head from its query and key projections.
+
+    Args:
+      wq: the head's query projection ``(d, dh)`` (already masked, if masked).
+      wk: the key projection of the head's key/value group ``(d, dh)``.
+      x: the layer's attention input (after the norm), ``(b, n, d)``.
+      rope: ``(cos, sin)`` tables ``(n, dh)``, or ``None`` for no rotary embedding.
+      causal: apply the causal mask.
+      query_idx: optional subset of query rows (sorted positions); default all ``n``.
+
+    Returns:
+      Probabilities ``(b, r, n)`` with ``r = len(query_idx)`` or ``n``.
+    """
+    dh = wq.shape[-1]
+    xq = x if query_idx is None else x[:, query_idx]
+    q = jnp.einsum("bnd,dh->bnh", xq, wq)
+    k = jnp.einsum("bnd,dh->bnh", x, wk)
+    if rope is not None:
+        cos, sin = rope
+        qcos, qsin = (cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])
+        q = apply_rope(q, qcos, qsin)
+        k = apply_rope(k, cos, sin)
+    logits = jnp.einsum("brh,bnh->brn", q, k) / jnp.sqrt(jnp.asarray(dh, q.dtype))
+    return attention_probs(logits, causal=causal, query_positions=query_idx)
+
+
+def _split_heads(w: jax.Array, n: int, head_dim: int) -> jax.Array:
+    d, out = w.shape
+    if out != n * head_dim:
+        raise ValueError(f"projection has {out} outputs, expected {n} heads x {head_dim}.")
+    return w.reshape(d, n, head_dim).transpose(1, 0, 2)
+
+
+def qk_layer_probs(
+    wq: Float[Array, "d hdh"],
+    wk: Float[Array, "d gdh"],
+    x: Float[Array, "*b n d"],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_theta: float | None,
+    causal: bool = True,
+    query_idx: Int[Array, " r"] | None = None,
+) -> Float[Array, "h b r n"]:
+    """Attention probabilities of every query head of one layer (``vmap`` over heads).
+
+    Args:
+      wq: query projection ``(d, h*dh)``; wk: key projection ``(d, g*dh)``.
+      x: attention input ``(n, d)`` or ``(b, n, d)``.
+      n_heads: ``h``; n_kv_heads: ``g`` (``h`` divisible by ``g``).
+      rope_theta: RoPE base, or ``None`` for no rotary embedding.
+      causal: apply the causal mask.
+      query_idx: optional subset of query rows.
+
+    Returns:
+      ``(h, b, r, n)`` probabilities.
+    """
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}.")
+    x = _batched(x)
+    head_dim = wq.shape[1] // n_heads
+    q_heads = _split_heads(wq, n_heads, head_dim)
+    k_heads = _split_heads(wk, n_kv_heads, head_dim)[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    rope = None
+    if rope_theta is not None:
+        rope = rope_cos_sin(jnp.arange(x.shape[1]), head_dim, rope_theta, dtype=x.dtype)
+    head_fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=query_idx)
+    return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, k_heads)
+
+
+def qk_pruning_loss(
+    masks: dict[str, Float[Array, "d _"]],
+    weights: dict[str, Float[Array, "d _"]],
+    x: Float[Array, "*b n d"],
+    *,
+    lam: float,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_theta: float | None,
+    causal: bool = True,
+    target: Float[Array, "h b r n"] | None = None,
+    attn_scale: float | jax.Array = 1.0,
+    query_idx: Int[Array, " r"] | None = None,
+) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
+    """Factored loss on one layer: ``sum_heads 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``.
+
+    Args:
+      masks: ``{"q": (d, h*dh), "k": (d, g*dh)}`` relaxed masks.
+      weights: the dense projections, same keys and shapes (input-major: ``x @ w``).
+      x: attention input of the layer ``(n, d)`` or ``(b, n, d)``; the term is the batch mean.
+      lam: regulariser weight.
+      n_heads, n_kv_heads, rope_theta, causal, query_idx: as in :func:`qk_layer_probs`.
+      target: the dense probabilities (computed from ``weights`` when ``None``); pass them in to
+        avoid recomputing them every step.
+      attn_scale: divides the attention term (e.g. its dense scale, so one ``lam`` fits all layers).
+
+    Returns:
+      ``(loss, {"attention": attention term, "reg": regulariser})``.
+    """
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, causal=causal,
+              query_idx=query_idx)
+    if target is None:
+        target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
+    probs = qk_layer_probs(masks["q"] * weights["q"], masks["k"] * weights["k"], x, **kw)
+    diff = probs - jax.lax.stop_gradient(target)
+    attn = 0.5 * jnp.sum(jnp.mean(jnp.sum(diff * diff, axis=(-2, -1)), axis=1)) / attn_scale
+    reg = 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks))
+    return attn + reg, {"attention": attn, "reg": reg}
+
+
+def qk_pruning_loss_layers(masks, weights, x, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`qk_pruning_loss` over a leading layer axis of ``masks``, ``weights`` and ``x``
+    (``vmap`` over layers), summed. ``target`` and ``attn_scale`` may carry the layer axis too."""
+    target = kwargs.pop("target", None)
+    scale = jnp.broadcast_to(jnp.asarray(kwargs.pop("attn_scale", 1.0)), (x.shape[0],))
+    fn = lambda m, w, xi, t, s: qk_pruning_loss(m, w, xi, target=t, attn_scale=s, **kwargs)  # noqa: E731
+    losses, aux = jax.vmap(fn)(masks, weights, x, target, scale)
+    return jnp.sum(losses), jax.tree.map(jnp.sum, aux)
