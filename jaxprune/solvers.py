@@ -229,7 +229,8 @@ def solve_masks(
             state, history = tree["solver"], np.asarray(tree["history"])
     initial_loss = float(history[0, 0]) if done else float(state["loss"])
 
-    bar = tqdm(total=steps, initial=done, desc=desc, disable=not progress, leave=False)
+    # disable=None: tqdm hides itself when stderr is not a terminal (logs stay readable).
+    bar = tqdm(total=steps, initial=done, desc=desc, disable=None if progress else True, leave=False)
     try:
         while done < steps:
             length = min(chunk_steps, steps - done)

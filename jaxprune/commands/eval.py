@@ -1,0 +1,84 @@
+"""Perplexity of a dense model: jaxprune eval --model smollm2-135m --data wikitext2 --windows 32.
+
+Loads the model (default model, .gguf file, Hugging Face folder or hub id), builds the protocol's
+evaluation windows and prints the perplexity, or one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax.numpy as jnp
+
+DATASETS = ("wikitext2", "c4")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _windows_arg(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--windows must be a positive integer or 'all', got {value!r}")
+    return n
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m, a .gguf file, a Hugging Face folder or a hub id")
+    parser.add_argument("--data", choices=DATASETS, default="wikitext2", help="evaluation text")
+    parser.add_argument("--windows", type=_windows_arg, default=32,
+                        help="number of windows (32 = protocol 'quick'; 'all' = 'full')")
+    parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the evaluation text files (default: ../shared/data)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="parameter and activation dtype")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    from jaxprune.data import eval_windows
+    from jaxprune.loaders.resolve import load_model
+    from jaxprune.perplexity import perplexity
+
+    try:
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    except (OSError, ValueError) as err:
+        print(f"jaxprune eval: error: {err}", file=sys.stderr)
+        return 2
+    if tokenizer is None:
+        print(f"jaxprune eval: error: {args.model} has no tokenizer.json; put the model's "
+              "tokenizer.json in its folder.", file=sys.stderr)
+        return 2
+    try:
+        windows = eval_windows(tokenizer, args.data, args.windows, seq_len=args.seq_len,
+                               data_dir=args.data_dir)
+    except (OSError, ValueError) as err:
+        print(f"jaxprune eval: error: {err}", file=sys.stderr)
+        return 2
+    result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json)
+    result.update(model=args.model, data=args.data, seq_len=args.seq_len, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} on {args.data}: perplexity {result['perplexity']:.4f} "
+              f"({result['windows']} windows, {result['tokens']} predicted tokens, "
+              f"{result['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,40 @@
+"""Run an experiment config: jaxprune run experiments/configs/NAME.yaml [--set key=value ...]."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxprune.config import ConfigError, from_dict, load_yaml, parse_overrides
+
+# `experiment:` value in a config -> (module, config class, run function, summary function).
+EXPERIMENTS = {
+    "synthetic": ("jaxprune.synthetic", "SyntheticConfig", "run", "summary"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config under experiments/configs/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key (YAML value); repeatable")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        raw = load_yaml(args.config)
+        raw.update(parse_overrides(args.overrides))
+        name = raw.pop("experiment", None)
+        if name not in EXPERIMENTS:
+            raise ConfigError(
+                f"{args.config}: 'experiment: {name}' is not known; use one of {sorted(EXPERIMENTS)}."
+            )
+        module_name, cls_name, run_name, summary_name = EXPERIMENTS[name]
+        module = importlib.import_module(module_name)
+        cfg = from_dict(getattr(module, cls_name), raw, source=args.config)
+    except ConfigError as err:
+        print(f"jaxprune run: error: {err}", file=sys.stderr)
+        return 2
+    metrics = getattr(module, run_name)(cfg)
+    print(getattr(module, summary_name)(metrics))
+    return 0

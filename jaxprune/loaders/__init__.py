@@ -1,0 +1,1 @@
+"""Weight loaders: Hugging Face tensors <-> the NNX model, safetensors folders, GGUF, the hub."""

@@ -1,0 +1,130 @@
+"""Hugging Face model folders: ``config.json`` plus one or several ``*.safetensors`` files.
+
+Reads the layout ``transformers`` writes (a single ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``) and writes a folder that ``LlamaForCausalLM.from_pretrained``
+loads, so a pruned model can leave jaxprune for any Hugging Face tool.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from jaxprune.loaders.params import tensors_from_model
+from jaxprune.model import Llama, LlamaConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightFileError(OSError):
+    """A weight or config file is missing, truncated or not in the expected format."""
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise WeightFileError(
+            f"cannot read safetensors file {path} ({size} bytes): {err}. The file is truncated "
+            "or corrupt; download or write it again."
+        ) from err
+
+
+def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """Reads a Hugging Face Llama folder.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` or
+        ``model.safetensors.index.json`` plus the shards it names.
+
+    Returns:
+      ``(config, tensors)``: tensors keyed by Hugging Face name in PyTorch layout, in the dtype
+      the files store (bfloat16 arrives as ``ml_dtypes.bfloat16``).
+    """
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightFileError(f"{folder} has no config.json; it is not a Hugging Face model folder.")
+    try:
+        config = LlamaConfig.from_hf_config(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as err:
+        raise WeightFileError(f"{config_path} is not valid JSON: {err}") from err
+
+    if (folder / SINGLE_FILE).is_file():
+        return config, _read_safetensors(folder / SINGLE_FILE)
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        raise WeightFileError(
+            f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors weights are "
+            "read (convert PyTorch .bin files with transformers' save_pretrained)."
+        )
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise WeightFileError(f"{index_path} is not a safetensors index (no weight_map): {err}")
+    shards = sorted(set(weight_map.values()))
+    absent = [s for s in shards if not (folder / s).is_file()]
+    if absent:
+        raise WeightFileError(f"{index_path} names shards that are not in {folder}: {absent}")
+    tensors = {}
+    for shard in shards:
+        tensors.update(_read_safetensors(folder / shard))
+    unlisted = sorted(set(weight_map) - set(tensors))
+    if unlisted:
+        raise WeightFileError(
+            f"{index_path} lists tensors that no shard contains (first few: {unlisted[:5]})."
+        )
+    return config, tensors
+
+
+def write_hf_folder(
+    model: Llama, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None
+) -> Path:
+    """Writes ``model`` as a folder that ``transformers.LlamaForCausalLM.from_pretrained`` loads.
+
+    Args:
+      model: the model to save (tied models store no ``lm_head.weight``, as transformers does).
+      path: destination folder (created).
+      tokenizer: optional ``tokenizers.Tokenizer``, saved as ``tokenizer.json``.
+      max_shard_bytes: if given, split the weights into shards of at most about this size with a
+        ``model.safetensors.index.json``; otherwise write one ``model.safetensors``.
+
+    Returns:
+      The folder path.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = tensors_from_model(model)
+    hf_config = model.config.to_hf_config()
+    hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    # transformers checks this metadata key to know the tensors are PyTorch-layout.
+    metadata = {"format": "pt"}
+    if max_shard_bytes is None:
+        safetensors.numpy.save_file(tensors, folder / SINGLE_FILE, metadata=metadata)
+    else:
+        shards, current, size = [], {}, 0
+        for name, value in tensors.items():
+            if current and size + value.nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = value
+            size += value.nbytes
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            safetensors.numpy.save_file(shard, folder / file, metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, file))
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                 "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+    return folder

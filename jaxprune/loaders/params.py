@@ -1,0 +1,166 @@
+"""Hugging Face tensor names and layout <-> the parameters of :class:`jaxprune.model.Llama`.
+
+One table maps each Hugging Face tensor name (PyTorch layout, linear weights ``(out, in)``) to a
+path in the model's NNX state and says how to transform it. Loading fills an abstract model built
+with ``nnx.eval_shape`` (no random weights are ever materialised) and reports every mismatch at
+once, so a wrong checkpoint is diagnosed in one run instead of one error per attempt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprune.model import Llama, LlamaConfig
+
+
+class WeightLoadError(ValueError):
+    """The tensors do not fit the model; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{len(problems)} problem(s) loading weights into the Llama model:\n{lines}\n"
+            "Check that config.json (or the GGUF metadata) matches the weight files."
+        )
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+    # PyTorch nn.Linear stores (out, in); the model multiplies x @ kernel with (in, out).
+    return np.ascontiguousarray(w.T)
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+# (Hugging Face name, model state path, transform HF -> model). "{i}" is the layer index; the
+# transforms are their own inverses (identity or transpose), so the table serves both directions.
+_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+    ("model.embed_tokens.weight", "embed_tokens.embedding", _same),
+    ("model.norm.weight", "norm.weight", _same),
+    ("lm_head.weight", "lm_head.kernel", _transpose),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", _same),
+    ("model.layers.{i}.post_attention_layernorm.weight",
+     "layers.{i}.post_attention_layernorm.weight", _same),
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"layers.{{i}}.self_attn.{p}_proj.kernel",
+       _transpose) for p in ("q", "k", "v", "o")],
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.kernel", _transpose)
+      for p in ("gate", "up", "down")],
+]
+
+# Buffers some checkpoints carry that the model recomputes; present or not, they are ignored.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+_HF_TO_MODEL = [(_pattern(hf), path, fn) for hf, path, fn in _TABLE]
+_MODEL_TO_HF = [(_pattern(path), hf, fn) for hf, path, fn in _TABLE]
+
+
+def _translate(name: str, rules) -> tuple[str, Callable] | None:
+    for pattern, template, fn in rules:
+        match = pattern.fullmatch(name)
+        if match:
+            index = match.groupdict().get("i")
+            return (template if index is None else template.replace("{i}", index)), fn
+    return None
+
+
+def _path_key(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def model_from_tensors(
+    config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32
+) -> Llama:
+    """Builds a :class:`Llama` holding the given Hugging Face tensors.
+
+    Args:
+      config: the model's shape.
+      tensors: Hugging Face names -> arrays in PyTorch layout, e.g.
+        ``model.layers.{i}.self_attn.q_proj.weight`` of shape ``(out, in)``,
+        ``model.embed_tokens.weight`` ``(vocab, d)``; ``lm_head.weight`` may be absent when the
+        embeddings are tied (and is accepted there only if it equals the embedding).
+      dtype: dtype of the model's parameters.
+
+    Returns:
+      The model. Raises :class:`WeightLoadError` listing every missing tensor, tensor of the wrong
+      shape, and unknown name.
+    """
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    slots = {_path_key(path): (path, var) for path, var in nnx.to_flat_state(state)}
+
+    problems, filled, misfit = [], {}, set()
+    for name in sorted(tensors):
+        if _IGNORED.fullmatch(name):
+            continue
+        value = np.asarray(tensors[name])
+        hit = _translate(name, _HF_TO_MODEL)
+        if name == "lm_head.weight" and config.tie_embeddings:
+            embed = tensors.get("model.embed_tokens.weight")
+            # transformers' state_dict() lists the tied head too; harmless when it is the same.
+            if embed is None or embed.shape != value.shape or not np.array_equal(embed, value):
+                problems.append(
+                    "lm_head.weight is present and differs from model.embed_tokens.weight but "
+                    "the config ties them (tie_word_embeddings=true); untie the config or drop it"
+                )
+            continue
+        if hit is None or hit[0] not in slots:
+            problems.append(
+                f"unknown tensor {name} {value.shape}: the model has no such parameter "
+                f"(num_layers={config.num_layers}, tie_embeddings={config.tie_embeddings})"
+            )
+            continue
+        key, fn = hit
+        expected = slots[key][1].shape
+        if fn(value).shape != expected:
+            pt_expected = expected[::-1] if fn is _transpose else expected
+            problems.append(
+                f"wrong shape for {name}: got {value.shape}, expected {pt_expected} "
+                "(PyTorch layout)"
+            )
+            misfit.add(key)
+            continue
+        filled[key] = fn(value)
+    for key in slots:
+        if key not in filled and key not in misfit:
+            hf_name = _translate(key, _MODEL_TO_HF)[0]
+            problems.append(f"missing tensor {hf_name} (model parameter {key})")
+    if problems:
+        raise WeightLoadError(problems)
+
+    flat = [(path, var.replace(jnp.asarray(filled[key], dtype=dtype)))
+            for key, (path, var) in slots.items()]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def tensors_from_model(model: Llama) -> dict[str, np.ndarray]:
+    """The inverse of :func:`model_from_tensors`: Hugging Face names, PyTorch layout.
+
+    Args:
+      model: a :class:`Llama` (possibly pruned).
+
+    Returns:
+      Hugging Face name -> NumPy array (linear weights ``(out, in)``); no ``lm_head.weight``
+      when the embeddings are tied, as Hugging Face checkpoints store them.
+    """
+    _, state = nnx.split(model)
+    tensors = {}
+    for path, var in nnx.to_flat_state(state):
+        key = _path_key(path)
+        hit = _translate(key, _MODEL_TO_HF)
+        if hit is None:
+            raise ValueError(f"model parameter {key} has no Hugging Face name in the loader table.")
+        name, fn = hit
+        tensors[name] = np.ascontiguousarray(fn(np.asarray(var[...])))
+    return tensors

@@ -1,0 +1,126 @@
+"""One entry point from a model name, file, folder or hub id to a loaded model and tokenizer."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jaxprune.loaders.hf import read_hf_folder
+from jaxprune.loaders.params import model_from_tensors
+from jaxprune.model import Llama
+
+# The project's default model (see PROTOCOL.md): SmolLM2-135M-Instruct from its GGUF file.
+DEFAULT_MODEL = "smollm2-135m"
+
+# Files a Llama checkpoint needs from the hub; everything else (PyTorch .bin, ONNX, GGUF copies)
+# would only cost bandwidth.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec names no file, folder, known model or reachable hub repository."""
+
+
+def _hub_offline() -> bool:
+    # Read the variable at call time: huggingface_hub reads it once, at import.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    """Downloads (or finds in the local cache) the files of ``repo_id`` and returns the folder."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    unreachable: tuple[type[BaseException], ...] = (
+        errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError, TimeoutError,
+    )
+    try:
+        import httpx
+
+        unreachable += (httpx.TransportError,)
+    except ImportError:
+        pass
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=HUB_PATTERNS, local_files_only=_hub_offline()
+        )
+    except errors.GatedRepoError as err:
+        raise ModelNotFoundError(
+            f"the Hugging Face repository {repo_id} is gated: accept its licence on the hub and "
+            "log in (`hf auth login` or HF_TOKEN), or pass a local folder or .gguf path."
+        ) from err
+    except errors.RepositoryNotFoundError as err:
+        raise ModelNotFoundError(
+            f"no Hugging Face repository {repo_id} (or it is private); check the id, or pass a "
+            "local folder or .gguf path."
+        ) from err
+    except unreachable as err:
+        raise ModelNotFoundError(
+            f"cannot reach the Hugging Face hub to fetch {repo_id}; pass a local folder or .gguf "
+            "path, or set HF_HUB_OFFLINE=0 with network."
+        ) from err
+    return Path(folder)
+
+
+def _tokenizer_of(folder: Path):
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(file))
+
+
+def _from_gguf(path: Path, dtype) -> tuple[Llama, object]:
+    from jaxprune.loaders.gguf import read_gguf
+
+    config, tensors, tokenizer = read_gguf(path)
+    return model_from_tensors(config, tensors, dtype), tokenizer
+
+
+def _from_folder(folder: Path, dtype) -> tuple[Llama, object]:
+    config, tensors = read_hf_folder(folder)
+    return model_from_tensors(config, tensors, dtype), _tokenizer_of(folder)
+
+
+def load_model(spec: str, dtype=jnp.float32) -> tuple[Llama, object]:
+    """Loads a model and its tokenizer from a name, a file, a folder or a hub id.
+
+    Args:
+      spec: ``"smollm2-135m"`` (the default model, from its cached GGUF file); a path to a
+        ``.gguf`` file; a path to a Hugging Face folder (``config.json`` + safetensors); or a hub
+        id such as ``"HuggingFaceTB/SmolLM2-135M"``, fetched with ``huggingface_hub`` (or found in
+        its cache when ``HF_HUB_OFFLINE=1``).
+      dtype: parameter dtype, e.g. ``jnp.float32`` or ``jnp.bfloat16``.
+
+    Returns:
+      ``(model, tokenizer)``; ``tokenizer`` is a ``tokenizers.Tokenizer``, or ``None`` when the
+      source has no ``tokenizer.json``.
+    """
+    if spec.lower() == DEFAULT_MODEL:
+        from jaxprune.loaders.gguf import fetch_default_model
+
+        return _from_gguf(Path(fetch_default_model()), dtype)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(
+                f"{path} is a file but not a .gguf file; pass a .gguf file or the Hugging Face "
+                "folder that holds config.json and the safetensors weights."
+            )
+        return _from_gguf(path, dtype)
+    if path.is_dir():
+        return _from_folder(path, dtype)
+    looks_local = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf")
+    if looks_local or not _HUB_ID.fullmatch(spec):
+        raise ModelNotFoundError(
+            f"model {spec!r} not found: it is no file or folder here, and not the default model "
+            f"{DEFAULT_MODEL!r} or a hub id of the form 'owner/name'."
+        )
+    return _from_folder(_fetch_from_hub(spec), dtype)

@@ -1,0 +1,345 @@
+"""A Llama-family decoder in Flax NNX, written so that pruning can read and rewrite its kernels.
+
+Architecture: token embedding, ``num_layers`` pre-norm decoder layers (RMSNorm, grouped-query
+attention with rotary embeddings, RMSNorm, SwiGLU MLP), a final RMSNorm and the output head
+(optionally tied to the embedding). It matches Hugging Face ``LlamaForCausalLM`` numerically.
+
+Conventions:
+  * Linear kernels are input-major, ``y = x @ kernel`` with ``kernel`` of shape ``(d_in, d_out)``,
+    and have no bias. Loaders transpose PyTorch's ``(out, in)`` weights on the way in.
+  * Rotary embeddings come from :mod:`jaxprune.rope` and the causal softmax from
+    :mod:`jaxprune.attention`, the same functions the pruning objective uses, so the objective
+    sees exactly the attention the model computes.
+  * ``DecoderLayer.__call__(..., capture=True)`` also returns the inputs of every projection and
+    the attention probabilities, so calibration code never duplicates the forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxprune.attention import attention_probs
+from jaxprune.rope import apply_rope, rope_cos_sin
+
+# Names of the projections that pruning may touch, in the order a layer applies them.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    # Number of tokens in the vocabulary (rows of the embedding).
+    vocab_size: int
+    # Width of the residual stream ``d``.
+    hidden_size: int
+    # Width of the SwiGLU MLP's hidden layer.
+    intermediate_size: int
+    # Number of decoder layers.
+    num_layers: int
+    # Number of query heads ``h``.
+    num_heads: int
+    # Number of key/value heads ``g`` (grouped-query attention; ``h`` must be a multiple of it).
+    num_kv_heads: int
+    # Features per head ``dh`` (even, for rotary embeddings).
+    head_dim: int
+    # Base of the rotary embedding frequencies.
+    rope_theta: float = 10000.0
+    # Epsilon inside every RMSNorm's square root.
+    rms_norm_eps: float = 1e-5
+    # Whether the output head reuses the transposed token embedding.
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> LlamaConfig:
+        """Reads a Hugging Face ``config.json`` dict of a Llama-architecture model.
+
+        Args:
+          hf: the parsed ``config.json`` (``LlamaForCausalLM`` keys).
+
+        Returns:
+          The matching config. Raises ``ValueError`` naming the key when a required key is
+          missing or when the file asks for a feature this model does not implement (biases,
+          RoPE scaling other than none, an activation other than SiLU).
+        """
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks the Llama keys {missing}; is this a Llama model?")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("config.json asks for attention/MLP biases; jaxprune's Llama has none.")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported.")
+        scaling = hf.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ValueError(
+                f"config.json rope_scaling={scaling!r} is not supported; only plain RoPE is."
+            )
+        heads = hf["num_attention_heads"]
+        # transformers 5 moved rope_theta into rope_parameters; read either place.
+        theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The Hugging Face ``LlamaForCausalLM`` ``config.json`` dict of this config."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": 8192,
+            "torch_dtype": "float32",
+        }
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * weight``, with the statistics in float32 as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Cast before scaling, in the order transformers' LlamaRMSNorm uses, so bf16 runs match.
+        weight = self.weight[...].reshape((1,) * (x.ndim - 1) + (x.shape[-1],))
+        return weight * normed.astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with rotary embeddings."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, dtype, rngs)
+        self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
+        self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
+        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, dtype, rngs)
+
+    def __call__(
+        self, x: Float[Array, "b t d"], cos: Float[Array, "t dh"], sin: Float[Array, "t dh"]
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b t hdh"], Float[Array, "b h t t"]]:
+        """Attention output, the input of ``o_proj`` and the attention probabilities.
+
+        Args:
+          x: normed hidden states ``(b, t, d)``.
+          cos: RoPE cosines ``(t, dh)``.
+          sin: RoPE sines ``(t, dh)``.
+
+        Returns:
+          ``(out (b, t, d), o_in (b, t, h*dh), probs (b, h, t, t))``.
+        """
+        b, t, _ = x.shape
+        h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        # Heads to axis 1 so the token axis is second to last, as apply_rope expects.
+        q = apply_rope(self.q_proj(x).reshape(b, t, h, dh).transpose(0, 2, 1, 3), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, g, dh).transpose(0, 2, 1, 3), cos, sin)
+        v = self.v_proj(x).reshape(b, t, g, dh).transpose(0, 2, 1, 3)
+        # Query head i uses key/value head i // (h/g): split h as (g, h/g), group-major.
+        q = q.reshape(b, g, h // g, t, dh)
+        logits = jnp.einsum("bgrtd,bgsd->bgrts", q, k) / math.sqrt(dh)
+        # Softmax in float32 (as transformers does) so bf16 weights do not degrade the rows.
+        probs = attention_probs(logits.astype(jnp.float32)).astype(x.dtype)
+        out = jnp.einsum("bgrts,bgsd->btgrd", probs, v).reshape(b, t, h * dh)
+        return self.o_proj(out), out, probs.reshape(b, h, t, t)
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+
+    def __call__(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Float[Array, "b t f"]]:
+        """Returns ``(out (b, t, d), down_in (b, t, f))``."""
+        down_in = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(down_in), down_in
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(
+        self,
+        h: Float[Array, "b t d"],
+        cos: Float[Array, "t dh"],
+        sin: Float[Array, "t dh"],
+        capture: bool = False,
+    ) -> Float[Array, "b t d"] | tuple[Float[Array, "b t d"], dict[str, jax.Array]]:
+        """Applies the layer.
+
+        Args:
+          h: residual stream ``(b, t, d)``.
+          cos: RoPE cosines ``(t, dh)`` for positions ``0..t-1``.
+          sin: RoPE sines ``(t, dh)``.
+          capture: also return the activations pruning calibrates on.
+
+        Returns:
+          ``h_out (b, t, d)``; with ``capture``, ``(h_out, captures)`` where ``captures`` holds
+          ``"attn_in"`` (b, t, d): normed input of q/k/v; ``"o_in"`` (b, t, h*dh): input of
+          ``o_proj``; ``"mlp_in"`` (b, t, d): normed input of gate/up; ``"down_in"`` (b, t, f):
+          input of ``down_proj``; ``"probs"`` (b, h, t, t): attention probabilities.
+        """
+        attn_in = self.input_layernorm(h)
+        attn_out, o_in, probs = self.self_attn(attn_in, cos, sin)
+        h = h + attn_out
+        mlp_in = self.post_attention_layernorm(h)
+        mlp_out, down_in = self.mlp(mlp_in)
+        h = h + mlp_out
+        if not capture:
+            return h
+        captures = {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, "down_in": down_in,
+                    "probs": probs}
+        return h, captures
+
+
+class Llama(nnx.Module):
+    """The decoder: ``head(layers(embed(tokens)))``."""
+
+    def __init__(self, config: LlamaConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        """Builds a randomly initialised model.
+
+        Args:
+          config: model shape.
+          dtype: dtype of parameters and activations.
+          rngs: random streams for the initial weights (loaders replace them).
+        """
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = None if config.tie_embeddings else _linear(
+            config.hidden_size, config.vocab_size, dtype, rngs
+        )
+
+    def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+        """Token embeddings ``(b, t, d)``."""
+        return self.embed_tokens(tokens)
+
+    def rope(self, t: int) -> tuple[Float[Array, "t dh"], Float[Array, "t dh"]]:
+        """RoPE ``(cos, sin)`` tables ``(t, dh)`` for positions ``0..t-1``."""
+        c = self.config
+        return rope_cos_sin(jnp.arange(t), c.head_dim, c.rope_theta, dtype=jnp.float32)
+
+    def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        """Final norm and output head: logits ``(b, t, vocab)``."""
+        h = self.norm(h)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t v"]:
+        """Next-token logits ``(b, t, vocab)`` of the token ids ``(b, t)``."""
+        cos, sin = self.rope(tokens.shape[1])
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.head(h)
+
+
+def projection_kernels(layer: DecoderLayer) -> dict[str, nnx.Param]:
+    """The prunable kernels of one layer, keyed ``"q","k","v","o","gate","up","down"``.
+
+    Each value is the layer's own ``nnx.Param`` (input-major, ``(d_in, d_out)``), so assigning
+    ``kernels["q"][...] = new`` rewrites the model in place.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+               "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    return {name: modules[name].kernel for name in PROJECTIONS}
+
+
+def _token_nll(model: Llama, tokens: Int[Array, "b t"]) -> Float[Array, "b t-1"]:
+    logits = model(tokens).astype(jnp.float32)[:, :-1]
+    targets = tokens[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+@partial(jax.jit, static_argnums=0)
+def token_nll(graphdef: nnx.GraphDef, state: nnx.State, tokens: Int[Array, "b t"]) -> jax.Array:
+    """Pure, jit-compiled next-token negative log-likelihoods.
+
+    Args:
+      graphdef: from ``nnx.split(model)`` (static: one compile per model structure).
+      state: the matching parameter state.
+      tokens: token ids ``(b, t)``.
+
+    Returns:
+      ``nll (b, t-1)`` in float32: ``nll[:, i] = -log p(tokens[:, i+1] | tokens[:, :i+1])``.
+    """
+    return _token_nll(nnx.merge(graphdef, state), tokens)
+
+
+@partial(jax.jit, static_argnums=0)
+def logits_fn(graphdef: nnx.GraphDef, state: nnx.State, tokens: Int[Array, "b t"]) -> jax.Array:
+    """Pure, jit-compiled forward pass: logits ``(b, t, vocab)`` of ``tokens (b, t)``."""
+    return nnx.merge(graphdef, state)(tokens)
+
+
+def make_forward(model: Llama):
+    """Splits ``model`` once and returns a jitted ``tokens (b, t) -> logits (b, t, vocab)``."""
+    graphdef, state = nnx.split(model)
+    return partial(logits_fn, graphdef, state)
