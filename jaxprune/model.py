@@ -59,8 +59,15 @@ class LlamaConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}.")
@@ -84,20 +91,32 @@ class LlamaConfig:
           missing or when the file asks for a feature this model does not implement (biases,
           RoPE scaling other than none, an activation other than SiLU).
         """
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"config.json lacks the Llama keys {missing}; is this a Llama model?")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("config.json asks for attention/MLP biases; jaxprune's Llama has none.")
+            raise ValueError("config.json asks for attention/MLP biases; the Llama model has none.")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported.")
-        scaling = hf.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
             raise ValueError(
-                f"config.json rope_scaling={scaling!r} is not supported; only plain RoPE is."
+                f"config.json hidden_act={hf['hidden_act']!r}; only silu is supported."
             )
+        # transformers 4 writes rope_scaling, transformers 5 rope_parameters; check both, since a
+        # scaled RoPE (e.g. Llama 3's "llama3" type) changes the low frequencies at every length.
+        for key in ("rope_scaling", "rope_parameters"):
+            scaling = hf.get(key) or {}
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind != "default":
+                raise ValueError(
+                    f"config.json {key} has rope_type {kind!r}, which is not supported; only "
+                    "plain RoPE (rope_type 'default') is implemented."
+                )
         heads = hf["num_attention_heads"]
         # transformers 5 moved rope_theta into rope_parameters; read either place.
         theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
@@ -204,7 +223,9 @@ class MLP(nnx.Module):
         self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
 
-    def __call__(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Float[Array, "b t f"]]:
+    def __call__(
+        self, x: Float[Array, "b t d"]
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b t f"]]:
         """Returns ``(out (b, t, d), down_in (b, t, f))``."""
         down_in = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(down_in), down_in
@@ -248,8 +269,13 @@ class DecoderLayer(nnx.Module):
         h = h + mlp_out
         if not capture:
             return h
-        captures = {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, "down_in": down_in,
-                    "probs": probs}
+        captures = {
+            "attn_in": attn_in,
+            "o_in": o_in,
+            "mlp_in": mlp_in,
+            "down_in": down_in,
+            "probs": probs,
+        }
         return h, captures
 
 
@@ -268,10 +294,14 @@ class Llama(nnx.Module):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
-        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head = None if config.tie_embeddings else _linear(
-            config.hidden_size, config.vocab_size, dtype, rngs
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else _linear(config.hidden_size, config.vocab_size, dtype, rngs)
         )
 
     def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
@@ -306,8 +336,15 @@ def projection_kernels(layer: DecoderLayer) -> dict[str, nnx.Param]:
     ``kernels["q"][...] = new`` rewrites the model in place.
     """
     attn, mlp = layer.self_attn, layer.mlp
-    modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
-               "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    modules = {
+        "q": attn.q_proj,
+        "k": attn.k_proj,
+        "v": attn.v_proj,
+        "o": attn.o_proj,
+        "gate": mlp.gate_proj,
+        "up": mlp.up_proj,
+        "down": mlp.down_proj,
+    }
     return {name: modules[name].kernel for name in PROJECTIONS}
 
 

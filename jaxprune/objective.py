@@ -102,17 +102,17 @@ def attention_pruning_grad(
 
 def qk_head_probs(
     wq: Float[Array, "d dh"],
-    wk: Float[Array, "d dh"],
+    k: Float[Array, "b n dh"],
     x: Float[Array, "b n d"],
     rope: tuple[Float[Array, "n dh"], Float[Array, "n dh"]] | None,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
 ) -> Float[Array, "b r n"]:
-    """Attention probabilities of one head from its query and key projections.
+    """Attention probabilities of one query head.
 
     Args:
       wq: the head's query projection ``(d, dh)`` (already masked, if masked).
-      wk: the key projection of the head's key/value group ``(d, dh)``.
+      k: the keys of the head's key/value group, projected and rotated, ``(b, n, dh)``.
       x: the layer's attention input (after the norm), ``(b, n, d)``.
       rope: ``(cos, sin)`` tables ``(n, dh)``, or ``None`` for no rotary embedding.
       causal: apply the causal mask.
@@ -124,12 +124,9 @@ def qk_head_probs(
     dh = wq.shape[-1]
     xq = x if query_idx is None else x[:, query_idx]
     q = jnp.einsum("bnd,dh->bnh", xq, wq)
-    k = jnp.einsum("bnd,dh->bnh", x, wk)
     if rope is not None:
         cos, sin = rope
-        qcos, qsin = (cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])
-        q = apply_rope(q, qcos, qsin)
-        k = apply_rope(k, cos, sin)
+        q = apply_rope(q, *((cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])))
     logits = jnp.einsum("brh,bnh->brn", q, k) / jnp.sqrt(jnp.asarray(dh, q.dtype))
     return attention_probs(logits, causal=causal, query_positions=query_idx)
 
@@ -170,12 +167,15 @@ def qk_layer_probs(
     x = _batched(x)
     head_dim = wq.shape[1] // n_heads
     q_heads = _split_heads(wq, n_heads, head_dim)
-    k_heads = _split_heads(wk, n_kv_heads, head_dim)[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    # Keys are projected once per key/value head, then shared by the query heads of its group.
+    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
     rope = None
     if rope_theta is not None:
         rope = rope_cos_sin(jnp.arange(x.shape[1]), head_dim, rope_theta, dtype=x.dtype)
+        keys = apply_rope(keys, *rope)
+    keys = keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
     head_fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=query_idx)
-    return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, k_heads)
+    return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, keys)
 
 
 def qk_pruning_loss(

@@ -36,7 +36,7 @@ def _batches(sequences: list[np.ndarray], batch_size: int):
         groups.setdefault(BUCKET * math.ceil(len(sequences[i]) / BUCKET), []).append(i)
     for padded_len, members in groups.items():
         for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
+            chunk = members[start : start + batch_size]
             tokens = np.zeros((batch_size, padded_len), np.int32)
             lengths = np.zeros((batch_size,), np.int64)
             for row, i in enumerate(chunk):
@@ -48,7 +48,7 @@ def _batches(sequences: list[np.ndarray], batch_size: int):
 def _window_batches(windows: np.ndarray, batch_size: int):
     n, t = windows.shape
     for start in range(0, n, batch_size):
-        chunk = windows[start:start + batch_size]
+        chunk = windows[start : start + batch_size]
         # Pad the last batch to the full batch size so every call reuses one compilation.
         tokens = np.zeros((batch_size, t), np.int32)
         tokens[: len(chunk)] = chunk

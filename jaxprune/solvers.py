@@ -61,12 +61,15 @@ def _tree_dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def smoothness_estimate(grad_fn: Callable, masks: Any, iters: int = 20, seed: int = 0) -> float:
+def smoothness_estimate(
+    grad_fn: Callable, masks: Any, data: Any = (), iters: int = 20, seed: int = 0
+) -> float:
     """Largest Hessian eigenvalue magnitude of the loss at ``masks`` by power iteration.
 
     Args:
-      grad_fn: gradient of the loss, a pure function of the mask pytree.
+      grad_fn: gradient of the loss, a pure function ``(masks, data) -> grads``.
       masks: the point where the curvature is measured.
+      data: the arrays the loss depends on (passed to the compiled function, not baked in).
       iters: power-iteration steps.
       seed: seed of the random start vector.
 
@@ -78,16 +81,16 @@ def smoothness_estimate(grad_fn: Callable, masks: Any, iters: int = 20, seed: in
     v = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
     @jax.jit
-    def power(v):
+    def power(v, masks, data):
         def body(_, carry):
             v, _ = carry
             v = jax.tree.map(lambda t: t / jnp.sqrt(_tree_dot(v, v)), v)
-            hv = jax.jvp(grad_fn, (masks,), (v,))[1]
+            hv = jax.jvp(lambda m: grad_fn(m, data), (masks,), (v,))[1]
             return hv, jnp.abs(_tree_dot(v, hv))
 
         return jax.lax.fori_loop(0, iters, body, (v, jnp.zeros((), leaves[0].dtype)))[1]
 
-    return max(float(power(v)), 1e-12)
+    return max(float(power(v, masks, data)), 1e-12)
 
 
 def _optax(optimizer: str, step_size: float, schedule: str, steps: int):
@@ -104,10 +107,11 @@ def _grad_norm(g):
 
 
 def solve_masks(
-    loss_fn: Callable[[Any], tuple[jax.Array, dict]],
+    loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]],
     init: Any,
     *,
     steps: int,
+    data: Any = (),
     optimizer: str = "gd",
     step_size: float | None = None,
     schedule: str = "constant",
@@ -125,14 +129,17 @@ def solve_masks(
     """Minimises ``loss_fn`` over a pytree of masks.
 
     Args:
-      loss_fn: pure ``masks -> (loss, aux)``; ``aux["attention"]`` is recorded when present.
+      loss_fn: pure ``(masks, data) -> (loss, aux)``; ``aux["attention"]`` is recorded when
+        present.
       init: start point (Algorithm 1 starts from ones).
       steps: number of update steps.
+      data: pytree of the arrays the loss reads (inputs, weights, targets). They are arguments of
+        the compiled steps rather than closed-over constants, which XLA would fold and copy.
       optimizer: ``"gd"`` (Algorithm 1, monotone), ``"sgd"`` or ``"adam"`` (optax).
       step_size: step size / learning rate; ``None`` with ``"gd"`` derives ``1/L`` (module doc).
       schedule: ``"constant"`` or ``"cosine"`` decay (optax optimisers).
       project: clip the masks to ``[0, 1]`` after every update.
-      grad_fn: optional gradient (e.g. the closed form); default ``jax.grad`` of ``loss_fn``.
+      grad_fn: optional ``(masks, data) -> grads`` (e.g. the closed form); default ``jax.grad``.
       chunk_steps: steps per compiled ``lax.scan`` chunk (progress and checkpoint granularity).
       power_iters: power-iteration steps for the derived step size.
       divergence_factor: a loss above this multiple of the initial loss counts as divergence.
@@ -165,22 +172,22 @@ def solve_masks(
             f"checkpoint_every={checkpoint_every} must be a positive multiple of "
             f"chunk_steps={chunk_steps} so that resumed and uninterrupted solves match."
         )
-    grad_fn = grad_fn or (lambda m: jax.grad(lambda mm: loss_fn(mm)[0])(m))
+    grad_fn = grad_fn or jax.grad(lambda m, d: loss_fn(m, d)[0])
     init = jax.tree.map(jnp.asarray, init)
     dtype = jax.tree.leaves(init)[0].dtype
 
     if step_size is None:
-        step_size = 1.0 / smoothness_estimate(grad_fn, init, iters=power_iters)
+        step_size = 1.0 / smoothness_estimate(grad_fn, init, data, iters=power_iters)
     opt = None if optimizer == "gd" else _optax(optimizer, step_size, schedule, steps)
 
-    def evaluate(m):
-        loss, aux = loss_fn(m)
-        return loss, aux.get("attention", loss), grad_fn(m)
+    def evaluate(m, data):
+        loss, aux = loss_fn(m, data)
+        return loss, aux.get("attention", loss), grad_fn(m, data)
 
-    def gd_step(state, _):
+    def gd_step(data, state, _):
         m, eta, loss, attn, g = state["masks"], state["eta"], state["loss"], state["attn"], state["grad"]
         cand = _project(jax.tree.map(lambda a, b: a - eta * b, m, g), project)
-        c_loss, c_attn, c_grad = evaluate(cand)
+        c_loss, c_attn, c_grad = evaluate(cand, data)
         accept = c_loss <= loss
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)  # noqa: E731
         record = (loss, attn, _grad_norm(g), eta)
@@ -190,9 +197,9 @@ def solve_masks(
         )
         return new, record
 
-    def optax_step(state, _):
+    def optax_step(data, state, _):
         m = state["masks"]
-        loss, attn, g = evaluate(m)
+        loss, attn, g = evaluate(m, data)
         updates, opt_state = opt.update(g, state["opt"], m)
         new_m = _project(optax.apply_updates(m, updates), project)
         lr = step_size if schedule == "constant" else opt_lr(state["step"])
@@ -203,19 +210,19 @@ def solve_masks(
     opt_lr = optax.cosine_decay_schedule(step_size, steps) if schedule == "cosine" else None
     step_fn = gd_step if optimizer == "gd" else optax_step
 
-    @partial(jax.jit, static_argnums=1)
-    def run_chunk(state, length):
-        state, rec = jax.lax.scan(step_fn, state, None, length=length)
+    @partial(jax.jit, static_argnums=2)
+    def run_chunk(state, data, length):
+        state, rec = jax.lax.scan(partial(step_fn, data), state, None, length=length)
         return state, jnp.stack(rec)
 
     @jax.jit
-    def initial_state(m):
-        loss, attn, g = evaluate(m)
+    def initial_state(m, data):
+        loss, attn, g = evaluate(m, data)
         opt_state = opt.init(m) if opt is not None else ()
         return dict(masks=m, eta=jnp.asarray(step_size, dtype), loss=loss, attn=attn, grad=g,
                     opt=opt_state, step=jnp.zeros((), jnp.int32))
 
-    state = initial_state(init)
+    state = initial_state(init, data)
     history = np.full((len(HISTORY_KEYS), steps), np.nan, dtype=np.float64)
     done = 0
     manager = None
@@ -234,7 +241,7 @@ def solve_masks(
     try:
         while done < steps:
             length = min(chunk_steps, steps - done)
-            state, rec = run_chunk(state, length)
+            state, rec = run_chunk(state, data, length)
             rec = np.asarray(rec, dtype=np.float64)
             history[:, done : done + length] = rec
             _check_divergence(rec[0], done, initial_loss, divergence_factor, step_size)
@@ -249,7 +256,7 @@ def solve_masks(
         bar.close()
         if manager is not None:
             manager.close()
-    final = float(state["loss"]) if optimizer == "gd" else float(loss_fn(state["masks"])[0])
+    final = float(state["loss"]) if optimizer == "gd" else float(loss_fn(state["masks"], data)[0])
     if not np.isfinite(final):
         raise SolveDivergedError(
             f"the loss is {final} after step {done}; use a smaller step_size than {step_size:.3g}."
@@ -296,13 +303,14 @@ def solve_mask(
     Returns:
       A :class:`SolveResult` whose ``masks`` is the ``(d, d)`` relaxed mask.
     """
-    def loss_fn(m):
-        attn = _merged_terms(m, weight, x, causal)[0]
+    def loss_fn(m, data):
+        attn = _merged_terms(m, *data, causal)[0]
         return attn + 0.5 * lam * jnp.sum(m * m), {"attention": attn}
 
-    grad_fn = partial(attention_pruning_grad, weight=weight, x=x, lam=lam, causal=causal)
-    if not closed_form:
-        grad_fn = jax.grad(partial(attention_pruning_loss, weight=weight, x=x, lam=lam, causal=causal))
-    return solve_masks(
-        loss_fn, jnp.ones_like(weight), steps=steps, step_size=step_size, grad_fn=grad_fn, **kwargs
-    )
+    def grad_fn(m, data):
+        if closed_form:
+            return attention_pruning_grad(m, *data, lam=lam, causal=causal)
+        return jax.grad(attention_pruning_loss)(m, *data, lam=lam, causal=causal)
+
+    return solve_masks(loss_fn, jnp.ones_like(weight), data=(weight, x), steps=steps,
+                       step_size=step_size, grad_fn=grad_fn, **kwargs)

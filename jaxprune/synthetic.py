@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxprune import plots, results
 from jaxprune.config import to_dict
-from jaxprune.masks import PATTERNS, SCORES, binarize, measured_sparsity
+from jaxprune.masks import binarize, measured_sparsity, parse_nm
 from jaxprune.objective import attention_pruning_grad, merged_attention
 from jaxprune.solvers import smoothness_estimate, solve_mask
 
@@ -72,8 +72,7 @@ class SyntheticConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.pattern not in PATTERNS and ":" not in self.pattern:
-            raise ValueError(f"pattern={self.pattern!r}: use one of {PATTERNS} or N:M like 2:4.")
+        parse_nm(self.pattern)  # raises a clear ValueError for an unknown pattern
 
 
 def make_problem(cfg: SyntheticConfig):
@@ -123,8 +122,8 @@ def run(cfg: SyntheticConfig) -> dict:
 
     runs, curves = [], []
     for lam in cfg.lams:
-        grad_fn = partial(attention_pruning_grad, weight=w, x=x, lam=lam, causal=cfg.causal)
-        smooth = smoothness_estimate(grad_fn, jnp.ones_like(w))
+        grad_fn = partial(attention_pruning_grad, lam=lam, causal=cfg.causal)
+        smooth = smoothness_estimate(lambda m, d: grad_fn(m, *d), jnp.ones_like(w), (w, x))
         ref = solve_mask(w, x, lam=lam, steps=cfg.steps * cfg.ref_factor, step_size=1.0 / smooth,
                          desc=f"L* lam={lam:g}", **solve_kw)
         l_star = min(ref.final_loss, float(np.min(ref.history["loss"])))

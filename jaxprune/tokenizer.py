@@ -35,9 +35,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre == "smollm":
         # SmolLM splits every digit into its own piece before the GPT-2 regex (llama.cpp's
         # LLAMA_VOCAB_PRE_TYPE_SMOLLM; the Hugging Face tokenizer.json has Digits then ByteLevel).
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("gpt2", "default"):
         return byte_level
     raise ValueError(
@@ -135,12 +133,16 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
             )
         # Added tokens keep their ids because they are already in the BPE vocabulary.
         tokenizer.add_special_tokens(
-            [AddedToken(tokens[i], special=True, normalized=False)
-             for i in np.flatnonzero(types == _CONTROL)]
+            [
+                AddedToken(tokens[i], special=True, normalized=False)
+                for i in np.flatnonzero(types == _CONTROL)
+            ]
         )
         tokenizer.add_tokens(
-            [AddedToken(tokens[i], special=False, normalized=False)
-             for i in np.flatnonzero(types == _USER_DEFINED)]
+            [
+                AddedToken(tokens[i], special=False, normalized=False)
+                for i in np.flatnonzero(types == _USER_DEFINED)
+            ]
         )
 
     add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
@@ -148,8 +150,10 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
     if add_bos or add_eos:
         specials = []
         pieces = []
-        for flag, key in ((add_bos, "tokenizer.ggml.bos_token_id"),
-                          (add_eos, "tokenizer.ggml.eos_token_id")):
+        for flag, key in (
+            (add_bos, "tokenizer.ggml.bos_token_id"),
+            (add_eos, "tokenizer.ggml.eos_token_id"),
+        ):
             if flag:
                 token_id = int(_require(fields, key))
                 specials.append((tokens[token_id], token_id))

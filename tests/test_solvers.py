@@ -30,7 +30,7 @@ def test_derived_step_gd_is_monotone_and_converges():
 def test_derived_step_is_inverse_of_the_hessian_norm():
     # A quadratic with Hessian diag(1, 10): the power iteration must find 10.
     h = jnp.array([1.0, 10.0])
-    assert smoothness_estimate(lambda m: h * m, jnp.ones(2), iters=50) == pytest.approx(10, rel=1e-3)
+    assert smoothness_estimate(lambda m, _: h * m, jnp.ones(2), iters=50) == pytest.approx(10, rel=1e-3)
 
 
 def test_too_large_step_is_rejected_not_taken():
@@ -63,8 +63,9 @@ def test_pytree_of_masks_for_several_layers():
     weights = {"q": jnp.asarray(rng.normal(size=(L, d, h * dh)), jnp.float32),
                "k": jnp.asarray(rng.normal(size=(L, d, g * dh)), jnp.float32)}
     kw = dict(lam=0.05, n_heads=h, n_kv_heads=g, rope_theta=1e4)
-    res = solve_masks(lambda m: objective.qk_pruning_loss_layers(m, weights, x, **kw),
-                      jax.tree.map(jnp.ones_like, weights), steps=40, progress=False)
+    res = solve_masks(lambda m, d: objective.qk_pruning_loss_layers(m, *d, **kw),
+                      jax.tree.map(jnp.ones_like, weights), data=(weights, x), steps=40,
+                      progress=False)
     assert jax.tree.map(jnp.shape, res.masks) == jax.tree.map(jnp.shape, weights)
     assert np.all(np.diff(res.history["loss"]) <= 0)
 
@@ -78,7 +79,7 @@ def test_nan_loss_stops_with_the_step_and_advice():
 
 def test_exploding_loss_is_reported_as_divergence():
     # lam < 0 makes the loss unbounded below in magnitude: |loss| grows without limit.
-    quad = lambda m: (jnp.sum(m**2) * 1.0, {})  # noqa: E731
+    quad = lambda m, _: (jnp.sum(m**2) * 1.0, {})  # noqa: E731
     with pytest.raises(SolveDivergedError, match="diverged at step"):
         solve_masks(quad, jnp.ones(3), steps=200, optimizer="sgd", step_size=5.0, project=False,
                     progress=False, chunk_steps=10)

@@ -65,6 +65,7 @@ def update_stats(stats: InputStats, x: Float[Array, "*batch d_in"]) -> InputStat
 
 
 def check_matrix(w: jax.Array, stats: InputStats | None) -> None:
+    """Raises ``ValueError`` unless ``w`` is one ``(d_in, d_out)`` matrix matching ``stats``."""
     if w.ndim != 2:
         raise ValueError(f"w must be one (d_in, d_out) matrix, got shape {w.shape}.")
     if stats is not None and (

@@ -24,7 +24,9 @@ def _windows_arg(value: str) -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"--windows must be a positive integer or 'all', got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"--windows must be a positive integer or 'all', got {value!r}"
+        )
     return n
 
 
@@ -39,17 +41,28 @@ def _positive(value: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="smollm2-135m, a .gguf file, a Hugging Face folder or a hub id")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m, a .gguf file, a Hugging Face folder or a hub id",
+    )
     parser.add_argument("--data", choices=DATASETS, default="wikitext2", help="evaluation text")
-    parser.add_argument("--windows", type=_windows_arg, default=32,
-                        help="number of windows (32 = protocol 'quick'; 'all' = 'full')")
+    parser.add_argument(
+        "--windows",
+        type=_windows_arg,
+        default=32,
+        help="number of windows (32 = protocol 'quick'; 'all' = 'full')",
+    )
     parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window")
     parser.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the evaluation text files (default: ../shared/data)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="parameter and activation dtype")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the evaluation text files (default: ../shared/data)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -60,16 +73,21 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
-    except (OSError, ValueError) as err:
+    # RuntimeError: the default model's download failed (jaxprune.loaders.gguf.FetchError).
+    except (OSError, ValueError, RuntimeError) as err:
         print(f"jaxprune eval: error: {err}", file=sys.stderr)
         return 2
     if tokenizer is None:
-        print(f"jaxprune eval: error: {args.model} has no tokenizer.json; put the model's "
-              "tokenizer.json in its folder.", file=sys.stderr)
+        print(
+            f"jaxprune eval: error: {args.model} has no tokenizer.json; put the model's "
+            "tokenizer.json in its folder.",
+            file=sys.stderr,
+        )
         return 2
     try:
-        windows = eval_windows(tokenizer, args.data, args.windows, seq_len=args.seq_len,
-                               data_dir=args.data_dir)
+        windows = eval_windows(
+            tokenizer, args.data, args.windows, seq_len=args.seq_len, data_dir=args.data_dir
+        )
     except (OSError, ValueError) as err:
         print(f"jaxprune eval: error: {err}", file=sys.stderr)
         return 2
@@ -78,7 +96,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model} on {args.data}: perplexity {result['perplexity']:.4f} "
-              f"({result['windows']} windows, {result['tokens']} predicted tokens, "
-              f"{result['seconds']:.1f} s)")
+        print(
+            f"{args.model} on {args.data}: perplexity {result['perplexity']:.4f} "
+            f"({result['windows']} windows, {result['tokens']} predicted tokens, "
+            f"{result['seconds']:.1f} s)"
+        )
     return 0

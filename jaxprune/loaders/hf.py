@@ -50,7 +50,7 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
     folder = Path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise WeightFileError(f"{folder} has no config.json; it is not a Hugging Face model folder.")
+        raise WeightFileError(f"{folder} has no config.json; it is no Hugging Face model folder.")
     try:
         config = LlamaConfig.from_hf_config(json.loads(config_path.read_text()))
     except json.JSONDecodeError as err:
@@ -67,7 +67,9 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise WeightFileError(f"{index_path} is not a safetensors index (no weight_map): {err}")
+        raise WeightFileError(
+            f"{index_path} is not a safetensors index (no weight_map): {err}"
+        ) from err
     shards = sorted(set(weight_map.values()))
     absent = [s for s in shards if not (folder / s).is_file()]
     if absent:
@@ -122,8 +124,10 @@ def write_hf_folder(
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             safetensors.numpy.save_file(shard, folder / file, metadata=metadata)
             weight_map.update(dict.fromkeys(shard, file))
-        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+            "weight_map": weight_map,
+        }
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(folder / "tokenizer.json"))

@@ -46,12 +46,23 @@ _TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     ("model.norm.weight", "norm.weight", _same),
     ("lm_head.weight", "lm_head.kernel", _transpose),
     ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", _same),
-    ("model.layers.{i}.post_attention_layernorm.weight",
-     "layers.{i}.post_attention_layernorm.weight", _same),
-    *[(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"layers.{{i}}.self_attn.{p}_proj.kernel",
-       _transpose) for p in ("q", "k", "v", "o")],
-    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.kernel", _transpose)
-      for p in ("gate", "up", "down")],
+    (
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.post_attention_layernorm.weight",
+        _same,
+    ),
+    *[
+        (
+            f"model.layers.{{i}}.self_attn.{p}_proj.weight",
+            f"layers.{{i}}.self_attn.{p}_proj.kernel",
+            _transpose,
+        )
+        for p in ("q", "k", "v", "o")
+    ],
+    *[
+        (f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.kernel", _transpose)
+        for p in ("gate", "up", "down")
+    ],
 ]
 
 # Buffers some checkpoints carry that the model recomputes; present or not, they are ignored.
@@ -139,8 +150,10 @@ def model_from_tensors(
     if problems:
         raise WeightLoadError(problems)
 
-    flat = [(path, var.replace(jnp.asarray(filled[key], dtype=dtype)))
-            for key, (path, var) in slots.items()]
+    flat = [
+        (path, var.replace(jnp.asarray(filled[key], dtype=dtype)))
+        for key, (path, var) in slots.items()
+    ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -17,8 +17,15 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # Files a Llama checkpoint needs from the hub; everything else (PyTorch .bin, ONNX, GGUF copies)
 # would only cost bandwidth.
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -38,7 +45,10 @@ def _fetch_from_hub(repo_id: str) -> Path:
     from huggingface_hub import errors
 
     unreachable: tuple[type[BaseException], ...] = (
-        errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError, TimeoutError,
+        errors.LocalEntryNotFoundError,
+        errors.OfflineModeIsEnabled,
+        ConnectionError,
+        TimeoutError,
     )
     try:
         import httpx

@@ -1,0 +1,135 @@
+"""Evaluation throughput (predicted tokens per second): jaxprune's JAX model vs transformers.
+
+Both implementations get the same weights (ours written as a Hugging Face folder and loaded with
+``LlamaForCausalLM.from_pretrained``), the same token windows and the same work (logits and the
+next-token NLL), on the same machine in one run. Repeats alternate between the two so drift in
+machine load hits both alike; the median of each is reported with the ratio.
+
+  python benchmarks/eval_throughput.py                      # default model (GGUF, cached)
+  python benchmarks/eval_throughput.py --tiny               # tiny random model, no files needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _tiny_model():
+    from jaxprune.model import Llama, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+        rope_theta=10000.0,
+        tie_embeddings=True,
+    )
+    return Llama(config, rngs=nnx.Rngs(0))
+
+
+def _time_ours(graphdef, state, batches) -> tuple[float, float]:
+    from jaxprune.model import token_nll
+
+    start = time.perf_counter()
+    total = 0.0
+    for batch in batches:
+        # float() waits for the device, so the timing covers the whole computation.
+        total += float(jnp.sum(token_nll(graphdef, state, batch)))
+    return time.perf_counter() - start, total
+
+
+def _time_torch(model, batches) -> tuple[float, float]:
+    import torch
+
+    start = time.perf_counter()
+    total = 0.0
+    with torch.inference_mode():
+        for batch in batches:
+            logits = model(batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+    return time.perf_counter() - start, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model spec for load_model")
+    parser.add_argument("--tiny", action="store_true", help="use a tiny random model instead")
+    parser.add_argument("--windows", type=int, default=4, help="windows per timed pass")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per implementation")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from jaxprune.loaders.hf import write_hf_folder
+
+    if args.tiny:
+        model = _tiny_model()
+    else:
+        from jaxprune.loaders.resolve import load_model
+
+        model = load_model(args.model)[0]
+    config = model.config
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_folder(model, tmp)
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp).eval()
+
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, config.vocab_size, (args.windows, args.seq_len)).astype(np.int32)
+    starts = range(0, args.windows, args.batch_size)
+    ours_batches = [jnp.asarray(windows[s : s + args.batch_size]) for s in starts]
+    torch_batches = [
+        torch.tensor(windows[s : s + args.batch_size], dtype=torch.long) for s in starts
+    ]
+    if len({b.shape for b in ours_batches}) > 1:
+        parser.error("--windows must be a multiple of --batch-size (one compiled shape)")
+    tokens = args.windows * (args.seq_len - 1)
+
+    graphdef, state = nnx.split(model)
+    # Warm-up: compilation for ours, allocator and kernel selection for torch.
+    _, nll_ours = _time_ours(graphdef, state, ours_batches[:1])
+    _, nll_torch = _time_torch(hf, torch_batches[:1])
+    ours_s, torch_s = [], []
+    for _ in range(args.repeats):
+        ours_s.append(_time_ours(graphdef, state, ours_batches)[0])
+        torch_s.append(_time_torch(hf, torch_batches)[0])
+
+    ours_tps = tokens / statistics.median(ours_s)
+    torch_tps = tokens / statistics.median(torch_s)
+    print(
+        f"model: {'tiny random' if args.tiny else args.model} ({config.num_layers} layers, "
+        f"hidden {config.hidden_size}); {args.windows} windows x {args.seq_len} tokens, "
+        f"batch {args.batch_size}, {args.repeats} interleaved repeats"
+    )
+    print(
+        f"jax backend: {jax.default_backend()} ({jax.device_count()} device(s)); "
+        f"torch threads: {torch.get_num_threads()}"
+    )
+    print(f"first-batch NLL sum: jaxprune {nll_ours:.3f}, transformers {nll_torch:.3f}")
+    for name, tps, times in (
+        ("jaxprune (JAX)", ours_tps, ours_s),
+        ("transformers (torch)", torch_tps, torch_s),
+    ):
+        print(f"{name:22s} {tps:10.1f} tokens/s  (median {statistics.median(times):.3f} s)")
+    print(f"ratio jaxprune / transformers: {ours_tps / torch_tps:.2f}")
+
+
+if __name__ == "__main__":
+    main()
