@@ -336,6 +336,15 @@ _PER_LAYER = [hf for p, hf, _, _ in _NAME_TABLE if "{}" in hf]
 _IGNORED = re.compile(r"rope_freqs\.weight|blk\.\d+\.rope_freqs\.weight")
 
 
+def _rule(name: str) -> tuple[str | None, str, _Shape, str | None] | None:
+    """``(layer index or None, HF template, shape rule, permutation)`` for a GGUF tensor name."""
+    for pattern, template, shape_fn, perm in _COMPILED:
+        match = pattern.fullmatch(name)
+        if match:
+            return (match[1] if pattern.groups else None), template, shape_fn, perm
+    return None
+
+
 def _open(path: Path) -> gguf.GGUFReader:
     """Opens a GGUF file; every failure of a damaged file becomes one GGUFError naming it."""
     if not path.is_file():
@@ -352,8 +361,9 @@ def _open(path: Path) -> gguf.GGUFReader:
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise GGUFError(
-                f"{path} is truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes}"
-                f" but the file has {size}. Delete it and download it again."
+                f"{path} is truncated: tensor {t.name} ends at byte "
+                f"{t.data_offset + t.n_bytes} but the file has {size}. Delete it and download it "
+                "again."
             )
     return reader
 
@@ -433,14 +443,11 @@ def _hf_tensors(
     for t in reader.tensors:
         if _IGNORED.fullmatch(t.name):
             continue
-        for pattern, template, shape_fn, perm in _COMPILED:
-            match = pattern.fullmatch(t.name)
-            if match:
-                break
-        else:
+        rule = _rule(t.name)
+        if rule is None:
             problems.append(f"{t.name}: unknown tensor name (not part of a Llama model)")
             continue
-        layer = match.groups()[0] if match.groups() else None
+        layer, template, shape_fn, perm = rule
         if layer is not None and int(layer) >= fields["num_layers"]:
             problems.append(
                 f"{t.name}: layer {layer} but llama.block_count is {fields['num_layers']}"
