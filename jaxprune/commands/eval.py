@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--windows",
         type=_windows_arg,
         default=32,
-        help="number of windows (32 = protocol 'quick'; 'all' = 'full')",
+        help="number of windows (32 = protocol 'quick'; 'all' = the protocol's full count)",
     )
     parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window")
     parser.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass")

@@ -1,0 +1,245 @@
+"""Prune a model layer by layer (PROTOCOL.md): calibrate layer l on the inputs that the already
+pruned layers 0..l-1 produce, prune the chosen projections, move on.
+
+Memory is bounded by one layer's activations for the calibration set: the residual stream of
+every calibration chunk is kept (``N x T x d``), and the wider captures of a layer (``o_in``,
+``down_in``) exist for one chunk at a time, folded into ``InputStats`` as they come.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxprune import layerwise
+from jaxprune.baselines import METHODS as BASELINES
+from jaxprune.baselines import init_stats, prune_matrix, update_stats
+from jaxprune.masks import parse_nm
+from jaxprune.model import Llama, projection_kernels
+from jaxprune.softmax_prune import attention_error, prune_qk_softmax
+
+METHODS = ("dense", *BASELINES, "softmax")
+TARGETS = {"qk": ("q", "k"), "attn": ("q", "k", "v", "o"),
+           "all": ("q", "k", "v", "o", "gate", "up", "down")}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """One pruning run: model, method, targets, pattern, data and evaluation."""
+
+    # Model: "smollm2-135m", a .gguf path, a Hugging Face folder, or a hub id.
+    model: str = "smollm2-135m"
+    # Pruning method.
+    method: str = field(default="wanda", metadata={"choices": METHODS})
+    # Matrices pruned in every layer: qk, attn (q, k, v, o) or all (attention and MLP).
+    targets: str = field(default="qk", metadata={"choices": tuple(TARGETS)})
+    # Fraction pruned in every pruned matrix (ignored for N:M patterns).
+    sparsity: float = field(default=0.5, metadata={"range": (0.0, 0.99)})
+    # unstructured, row (per output), or N:M such as 2:4.
+    pattern: str = "unstructured"
+    # Calibration data: standard (C4 windows) or paper (C4 documents 0-7, own sequences).
+    protocol: str = field(default="standard", metadata={"choices": ("standard", "paper")})
+    # Calibration sequences (None: 32 standard, 8 paper).
+    calib_samples: int | None = field(default=None, metadata={"range": (1, 4096)})
+    # Tokens per calibration sequence.
+    calib_seq_len: int = field(default=2048, metadata={"range": (16, 32768)})
+    # Calibration sequences per forward chunk (memory vs speed).
+    micro_batch: int = field(default=4, metadata={"range": (1, 1024)})
+    # Baseline for the matrices the softmax-aware method does not handle (v, o, MLP).
+    other_method: str = field(default="sparsegpt", metadata={"choices": BASELINES})
+    # SparseGPT block size and dampening.
+    blocksize: int = field(default=128, metadata={"range": (1, 65536)})
+    percdamp: float = field(default=0.01, metadata={"range": (0.0, 10.0)})
+    # Softmax-aware: calibration sequences used in the attention term (the first ones).
+    softmax_samples: int = field(default=8, metadata={"range": (1, 4096)})
+    # Softmax-aware: tokens of each of those sequences (a causal prefix).
+    softmax_seq_len: int = field(default=512, metadata={"range": (2, 32768)})
+    # Softmax-aware: random query rows per sequence in the attention term (None: all).
+    query_rows: int | None = field(default=None, metadata={"range": (1, 32768)})
+    # Softmax-aware: lambda (with normalize, relative to the dense attention scale).
+    lam: float = field(default=1e-3, metadata={"range": (0.0, None)})
+    # Softmax-aware: choose lambda per layer so the mask mean is near the kept fraction.
+    lam_search: bool = False
+    # Softmax-aware: candidate lambdas of the search.
+    lam_grid: tuple[float, ...] = field(default=(1e-4, 1e-3, 1e-2, 1e-1), metadata={"range": (0.0, None)})
+    # Softmax-aware: steps of each short solve in the search.
+    search_steps: int = field(default=30, metadata={"range": (1, 100000)})
+    # Softmax-aware: start point, ones (the paper) or wanda (Wanda scores scaled to [0, 1]).
+    init: str = field(default="ones", metadata={"choices": ("ones", "wanda")})
+    # Softmax-aware: optimiser (gd with lr <= 0 derives the step size).
+    optimizer: str = field(default="adam", metadata={"choices": ("gd", "sgd", "adam")})
+    # Softmax-aware: learning rate / step size.
+    lr: float = 0.01
+    # Softmax-aware: learning-rate schedule.
+    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
+    # Softmax-aware: solver steps per layer.
+    steps: int = field(default=150, metadata={"range": (1, 1_000_000)})
+    # Softmax-aware: divide the attention term by its dense scale.
+    normalize: bool = True
+    # Softmax-aware: round by the mask (mask) or by |M * W| (mask_times_weight).
+    score: str = field(default="mask", metadata={"choices": ("mask", "mask_times_weight")})
+    # Softmax-aware: after rounding, none or a SparseGPT update of the kept q/k weights.
+    update: str = field(default="none", metadata={"choices": ("none", "sparsegpt")})
+    # Held-out sequences (C4 evaluation documents) for the per-layer attention error.
+    heldout_samples: int = field(default=2, metadata={"range": (0, 256)})
+    # Evaluation sets: wikitext2, c4 (the standard protocol) and/or c4-paper.
+    eval_data: tuple[str, ...] = ("wikitext2", "c4")
+    # Evaluation windows per set (None: all of WikiText-2 / the protocol's 32 for C4).
+    eval_windows: int | None = field(default=32, metadata={"range": (1, 100000)})
+    # Tokens per evaluation window.
+    eval_seq_len: int = field(default=2048, metadata={"range": (16, 32768)})
+    # Evaluation batch size.
+    eval_batch: int = field(default=1, metadata={"range": (1, 1024)})
+    # Data folder (None: $JAXPRUNE_DATA or ../shared/data).
+    data_dir: str | None = None
+    # Random seed (query-row sampling).
+    seed: int = 0
+    # Folder of the run's outputs (a fresh timestamped folder is made inside).
+    out: str = "runs/prune"
+    # Save the pruned parameters with orbax (masks are always saved).
+    save_params: bool = True
+    # Show progress bars.
+    progress: bool = True
+
+    def __post_init__(self):
+        nm = parse_nm(self.pattern)
+        if nm is None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity} is impossible: give a fraction in [0, 1).")
+        for name in self.eval_data:
+            if name not in ("wikitext2", "c4", "c4-paper"):
+                raise ValueError(f"eval_data entry {name!r}: use wikitext2, c4 or c4-paper.")
+
+    @property
+    def sparsity_or_none(self) -> float | None:
+        """The sparsity to pass to ``binarize`` (None for N:M, which fixes it)."""
+        return None if parse_nm(self.pattern) else self.sparsity
+
+
+def calibration_chunks(tokens, micro_batch: int) -> list[np.ndarray]:
+    """``(N, T)`` windows -> chunks of ``micro_batch`` rows; a list of 1-D sequences -> one chunk
+    each (the paper protocol's sequences differ in length)."""
+    if isinstance(tokens, np.ndarray) and tokens.ndim == 2:
+        return [tokens[i : i + micro_batch] for i in range(0, len(tokens), micro_batch)]
+    return [np.asarray(t)[None] for t in tokens]
+
+
+def _needed_inputs(targets, method):
+    names = {layerwise.INPUT_OF[t] for t in targets}
+    return tuple(sorted(names))
+
+
+def _peak_memory_bytes() -> dict[str, int]:
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return out
+
+
+def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: list[np.ndarray],
+                cfg: PruneConfig) -> dict[str, Any]:
+    """Prunes ``model`` in place, layer by layer.
+
+    Args:
+      model: the dense model (its kernels are overwritten).
+      calib_chunks: calibration token chunks ``(b, t)``.
+      heldout_chunks: held-out token chunks for the per-layer attention error (may be empty).
+      cfg: the run's settings.
+
+    Returns:
+      ``{"masks": {layer: {name: bool array}}, "layers": [per-layer facts], "seconds": ...}``.
+    """
+    c = model.config
+    targets = TARGETS[cfg.targets] if cfg.method != "dense" else ()
+    shape_kw = dict(n_heads=c.num_heads, n_kv_heads=c.num_kv_heads, rope_theta=c.rope_theta)
+    start = time.perf_counter()
+    hs = layerwise.embed_chunks(model, calib_chunks)
+    longest = max(h.shape[1] for h in hs)
+    held = layerwise.embed_chunks(model, heldout_chunks)
+    ropes = {}
+
+    def rope(t):
+        if t not in ropes:
+            ropes[t] = model.rope(t)
+        return ropes[t]
+
+    update = jax.jit(update_stats)
+    masks, layers = {}, []
+    bar = tqdm(range(c.num_layers), desc=f"prune {cfg.method}", unit="layer",
+               disable=None if cfg.progress else True)
+    for li in bar:
+        layer = model.layers[li]
+        graphdef, state = nnx.split(layer)
+        kernels = projection_kernels(layer)
+        dense_qk = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k")}
+        info: dict[str, Any] = {"layer": li}
+        if targets:
+            names = _needed_inputs(targets, cfg.method)
+            stats = {n: None for n in names}
+            soft_x, soft_count = [], 0
+            for h in hs:
+                caps = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), names)
+                for n in names:
+                    stats[n] = update(stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]),
+                                      caps[n])
+                want = cfg.softmax_samples - soft_count
+                if cfg.method == "softmax" and want > 0 and h.shape[1] >= min(cfg.softmax_seq_len, longest):
+                    take = caps["attn_in"][:want, : cfg.softmax_seq_len]
+                    soft_x.append(take)
+                    soft_count += take.shape[0]
+            new = {}
+            rest = list(targets)
+            if cfg.method == "softmax":
+                x = _stack_prefixes(soft_x, cfg.softmax_seq_len)
+                qk_new, keep, soft_info = prune_qk_softmax(
+                    dense_qk, x, stats["attn_in"], cfg, progress=cfg.progress,
+                    desc=f"layer {li} softmax", **shape_kw)
+                new.update(qk_new)
+                masks[li] = dict(keep)
+                info |= soft_info
+                info["softmax_tokens"] = list(x.shape[:2])
+                info["calib_attention_error"] = float(attention_error(
+                    dense_qk["q"], dense_qk["k"], new["q"], new["k"], x, **shape_kw))
+                rest = [t for t in targets if t not in ("q", "k")]
+            method = cfg.other_method if cfg.method == "softmax" else cfg.method
+            opts = {"blocksize": cfg.blocksize, "percdamp": cfg.percdamp} if method == "sparsegpt" else {}
+            for name in rest:
+                w = jnp.asarray(kernels[name][...])
+                new[name], keep = prune_matrix(method, w, stats[layerwise.INPUT_OF[name]],
+                                               sparsity=cfg.sparsity_or_none, pattern=cfg.pattern,
+                                               **opts)
+                masks.setdefault(li, {})[name] = keep
+            for name, w in new.items():
+                kernels[name][...] = w
+            graphdef, state = nnx.split(layer)
+            info["sparsity"] = {n: float(1.0 - jnp.mean(masks[li][n])) for n in targets}
+        if held:
+            errs = []
+            for h in held:
+                x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))["attn_in"]
+                errs.append(float(attention_error(dense_qk["q"], dense_qk["k"], kernels["q"][...],
+                                                  kernels["k"][...], x, **shape_kw)))
+            info["heldout_attention_error"] = float(np.mean(errs))
+        hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
+        held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
+        layers.append(info)
+    bar.close()
+    jax.block_until_ready(hs)
+    return {"masks": masks, "layers": layers, "seconds": time.perf_counter() - start,
+            **_peak_memory_bytes()}
+
+
+def _stack_prefixes(xs: list[jax.Array], seq_len: int) -> jax.Array:
+    """Stacks calibration prefixes of ``seq_len`` tokens. Sequences shorter than that (paper
+    protocol) are left out; if every one is shorter, the longest ones' common length is used."""
+    t = seq_len if any(x.shape[1] >= seq_len for x in xs) else max(x.shape[1] for x in xs)
+    return jnp.concatenate([x[:, :t] for x in xs if x.shape[1] >= t], axis=0)

@@ -1,0 +1,123 @@
+"""The softmax-aware method on a real layer: masks on W_Q and W_K optimised against the attention
+probabilities (the factored objective), then rounded to the requested pattern.
+
+Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
+  * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
+    lambda fits every layer (``normalize``);
+  * start from ``M = 1`` (the paper) or from Wanda's scores scaled to ``[0, 1]`` (``init``);
+  * lambda fixed, or chosen per layer as the grid value whose short solve leaves the relaxed
+    mask's mean closest to the kept fraction (``lam_search``): a larger lambda pushes more entries
+    towards zero, and the rounding then removes about the entries the solve already let go;
+  * masks are kept in ``[0, 1]`` by projection; Adam by default (the entries' gradient scales are
+    very uneven, which makes a single plain-GD step size slow);
+  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``;
+  * optional SparseGPT weight update on the kept entries after rounding (``update``).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.baselines import InputStats, sparsegpt_reconstruct
+from jaxprune.masks import binarize, mask_scores
+from jaxprune.objective import qk_layer_probs, qk_pruning_loss
+from jaxprune.solvers import solve_masks
+
+
+@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "query_idx"))
+def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx):
+    idx = None if query_idx is None else jnp.asarray(query_idx)
+    probs = qk_layer_probs(wq, wk, x, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           rope_theta=rope_theta, query_idx=idx)
+    return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
+
+
+@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta"))
+def attention_error(wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_theta):
+    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences."""
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta)
+    dense = qk_layer_probs(wq, wk, x, **kw)
+    new = qk_layer_probs(wq_new, wk_new, x, **kw)
+    num = jnp.sqrt(jnp.sum((new - dense) ** 2, axis=(-2, -1)))
+    return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
+
+
+def _wanda_init(w, stats: InputStats):
+    score = jnp.abs(w) * jnp.sqrt(stats.sq_norm)[:, None]
+    return score / jnp.max(score)
+
+
+def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta, progress=True,
+                     desc="softmax"):
+    """Optimises and rounds the q/k masks of one layer.
+
+    Args:
+      weights: ``{"q": (d, h*dh), "k": (d, g*dh)}`` dense kernels.
+      x: attention inputs of the calibration subset ``(b, n, d)``.
+      stats: ``InputStats`` of the layer's attention input (Wanda init and SparseGPT update).
+      cfg: a ``PruneConfig``.
+      n_heads, n_kv_heads, rope_theta: the layer's attention shape.
+      progress: show the solver's progress bar.
+      desc: progress-bar label.
+
+    Returns:
+      ``(new_kernels, keep, info)``: pruned kernels and boolean keep-masks keyed ``"q"``/``"k"``,
+      and per-layer facts (lambda, mask mean, losses, seconds).
+    """
+    start = time.perf_counter()
+    n = x.shape[1]
+    query_idx = None
+    if cfg.query_rows and cfg.query_rows < n:
+        rng = np.random.default_rng(cfg.seed)
+        query_idx = tuple(int(i) for i in np.sort(rng.choice(n, cfg.query_rows, replace=False)))
+    shape_kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta)
+    target, dense_scale = _target(weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw)
+    scale = dense_scale if cfg.normalize else jnp.ones(())
+    idx = None if query_idx is None else jnp.asarray(query_idx)
+
+    def loss_fn(m, data, lam):
+        w, xx, t, s = data
+        return qk_pruning_loss(m, w, xx, lam=lam, target=t, attn_scale=s, query_idx=idx, **shape_kw)
+
+    if cfg.init == "wanda":
+        init = {k: _wanda_init(w, stats) for k, w in weights.items()}
+    else:
+        init = {k: jnp.ones_like(w) for k, w in weights.items()}
+    data = (weights, x, target, scale)
+    solve_kw = dict(data=data, optimizer=cfg.optimizer, step_size=cfg.lr, schedule=cfg.schedule,
+                    project=True, chunk_steps=min(cfg.steps, 25), progress=progress)
+    if cfg.optimizer == "gd" and cfg.lr <= 0:
+        solve_kw["step_size"] = None
+
+    keep_frac = 1.0 - (cfg.sparsity if ":" not in cfg.pattern else _nm_sparsity(cfg.pattern))
+    lam, searched = cfg.lam, {}
+    if cfg.lam_search:
+        for cand in cfg.lam_grid:
+            res = solve_masks(partial(loss_fn, lam=cand), init, steps=cfg.search_steps,
+                              desc=f"{desc} lam={cand:g}", **solve_kw)
+            searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
+        lam = min(searched, key=lambda c: abs(searched[c] - keep_frac))
+    res = solve_masks(partial(loss_fn, lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
+    masks = res.masks
+    keep, new = {}, {}
+    for k, w in weights.items():
+        keep[k] = binarize(mask_scores(masks[k], w, cfg.score), cfg.sparsity_or_none, cfg.pattern)
+        new[k] = (sparsegpt_reconstruct(w, stats, keep[k]) if cfg.update == "sparsegpt"
+                  else jnp.where(keep[k], w, 0))
+    info = dict(
+        lam=lam, lam_search=searched, mask_mean=float(np.mean([float(jnp.mean(m)) for m in masks.values()])),
+        initial_loss=float(res.history["loss"][0]), final_loss=res.final_loss,
+        final_attention_term=float(res.history["attention"][-1]),
+        solve_seconds=time.perf_counter() - start,
+    )
+    return new, keep, info
+
+
+def _nm_sparsity(pattern: str) -> float:
+    n, m = (int(v) for v in pattern.split(":"))
+    return 1.0 - n / m
