@@ -43,6 +43,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
             value = [value]
         item = typing.get_args(tp)[0]
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping of key: value.")
+        return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r}: expected a number.")

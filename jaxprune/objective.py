@@ -190,6 +190,7 @@ def qk_pruning_loss(
     causal: bool = True,
     target: Float[Array, "h b r n"] | None = None,
     attn_scale: float | jax.Array = 1.0,
+    reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """Factored loss on one layer: ``sum_heads 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``.
@@ -203,6 +204,7 @@ def qk_pruning_loss(
       target: the dense probabilities (computed from ``weights`` when ``None``); pass them in to
         avoid recomputing them every step.
       attn_scale: divides the attention term (e.g. its dense scale, so one ``lam`` fits all layers).
+      reg_scale: divides the regulariser (e.g. the number of mask entries).
 
     Returns:
       ``(loss, {"attention": attention term, "reg": regulariser})``.
@@ -214,7 +216,7 @@ def qk_pruning_loss(
     probs = qk_layer_probs(masks["q"] * weights["q"], masks["k"] * weights["k"], x, **kw)
     diff = probs - jax.lax.stop_gradient(target)
     attn = 0.5 * jnp.sum(jnp.mean(jnp.sum(diff * diff, axis=(-2, -1)), axis=1)) / attn_scale
-    reg = 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks))
+    reg = 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks)) / reg_scale
     return attn + reg, {"attention": attn, "reg": reg}
 
 

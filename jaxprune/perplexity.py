@@ -82,13 +82,16 @@ def perplexity(
         if windows.shape[1] < 2:
             raise ValueError(f"windows need at least 2 tokens to predict one, got {windows.shape}.")
         n_seqs = windows.shape[0]
-        batches = _window_batches(windows.astype(np.int32), batch_size)
+        make_batches = lambda b: _window_batches(windows.astype(np.int32), b)  # noqa: E731
     else:
         sequences = [np.asarray(s, np.int32).reshape(-1) for s in windows]
         n_seqs = len(sequences)
-        batches = _batches(sequences, batch_size)
+        make_batches = lambda b: _batches(sequences, b)  # noqa: E731
     if n_seqs == 0:
         raise ValueError("no windows to evaluate; check the dataset and the window count.")
+    # A batch larger than the number of sequences would only compute padding.
+    batch_size = min(batch_size, n_seqs)
+    batches = make_batches(batch_size)
 
     graphdef, state = nnx.split(model)
     start = time.perf_counter()

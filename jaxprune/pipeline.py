@@ -66,11 +66,11 @@ class PruneConfig:
     # Softmax-aware: random query rows per sequence in the attention term (None: all).
     query_rows: int | None = field(default=None, metadata={"range": (1, 32768)})
     # Softmax-aware: lambda (with normalize, relative to the dense attention scale).
-    lam: float = field(default=1e-3, metadata={"range": (0.0, None)})
+    lam: float = field(default=0.1, metadata={"range": (0.0, None)})
     # Softmax-aware: choose lambda per layer so the mask mean is near the kept fraction.
     lam_search: bool = False
     # Softmax-aware: candidate lambdas of the search.
-    lam_grid: tuple[float, ...] = field(default=(1e-4, 1e-3, 1e-2, 1e-1), metadata={"range": (0.0, None)})
+    lam_grid: tuple[float, ...] = field(default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={"range": (0.0, None)})
     # Softmax-aware: steps of each short solve in the search.
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
     # Softmax-aware: start point, ones (the paper) or wanda (Wanda scores scaled to [0, 1]).
@@ -87,8 +87,12 @@ class PruneConfig:
     normalize: bool = True
     # Softmax-aware: round by the mask (mask) or by |M * W| (mask_times_weight).
     score: str = field(default="mask", metadata={"choices": ("mask", "mask_times_weight")})
+    # Softmax-aware: weight of Wanda's score (in [0, 1]) added to break ties in the rounding.
+    tiebreak: float = field(default=1e-6, metadata={"range": (0.0, None)})
     # Softmax-aware: after rounding, none or a SparseGPT update of the kept q/k weights.
     update: str = field(default="none", metadata={"choices": ("none", "sparsegpt")})
+    # Prune only these layer indices (None: every layer), for ablations and quick looks.
+    layers: tuple[int, ...] | None = None
     # Held-out sequences (C4 evaluation documents) for the per-layer attention error.
     heldout_samples: int = field(default=2, metadata={"range": (0, 256)})
     # Evaluation sets: wikitext2, c4 (the standard protocol) and/or c4-paper.
@@ -182,7 +186,7 @@ def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: li
         kernels = projection_kernels(layer)
         dense_qk = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k")}
         info: dict[str, Any] = {"layer": li}
-        if targets:
+        if targets and (cfg.layers is None or li in cfg.layers):
             names = _needed_inputs(targets, cfg.method)
             stats = {n: None for n in names}
             soft_x, soft_count = [], 0

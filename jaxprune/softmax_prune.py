@@ -4,13 +4,16 @@ probabilities (the factored objective), then rounded to the requested pattern.
 Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
   * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
     lambda fits every layer (``normalize``);
-  * start from ``M = 1`` (the paper) or from Wanda's scores scaled to ``[0, 1]`` (``init``);
+  * start from ``M = 1`` (the paper) or from Wanda's ordering as quantile ranks in ``[0, 1]``
+    (``init``);
+  * with ``normalize`` the regulariser is the mean of ``M^2`` (``||M||^2`` over its entry count);
   * lambda fixed, or chosen per layer as the grid value whose short solve leaves the relaxed
     mask's mean closest to the kept fraction (``lam_search``): a larger lambda pushes more entries
     towards zero, and the rounding then removes about the entries the solve already let go;
   * masks are kept in ``[0, 1]`` by projection; Adam by default (the entries' gradient scales are
     very uneven, which makes a single plain-GD step size slow);
-  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``;
+  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``; ties (entries the
+    projection left at exactly 0 or 1) are broken by Wanda's score scaled by ``tiebreak``;
   * optional SparseGPT weight update on the kept entries after rounding (``update``).
 """
 
@@ -47,9 +50,18 @@ def attention_error(wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_thet
     return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
 
 
-def _wanda_init(w, stats: InputStats):
+def _wanda_scores(w, stats: InputStats):
+    """Wanda's score scaled to ``[0, 1]`` by its maximum (the rounding tie-break)."""
     score = jnp.abs(w) * jnp.sqrt(stats.sq_norm)[:, None]
     return score / jnp.max(score)
+
+
+def _wanda_ranks(w, stats: InputStats):
+    """Wanda's ordering as quantile ranks in ``[0, 1]`` (the warm start). Scaling the raw scores
+    by their maximum instead puts most entries near 0, i.e. starts from a nearly empty mask."""
+    score = (jnp.abs(w) * jnp.sqrt(stats.sq_norm)[:, None]).reshape(-1)
+    ranks = jnp.argsort(jnp.argsort(score, stable=True), stable=True)
+    return (ranks / (score.size - 1)).reshape(w.shape).astype(w.dtype)
 
 
 def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta, progress=True,
@@ -80,12 +92,18 @@ def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta,
     scale = dense_scale if cfg.normalize else jnp.ones(())
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
+    # With normalize, the attention term is relative to its dense value and the regulariser is
+    # the mean of M^2, so lam trades the two at the same scale in every layer and model.
+    n_entries = sum(w.size for w in weights.values()) if cfg.normalize else 1.0
+
     def loss_fn(m, data, lam):
         w, xx, t, s = data
-        return qk_pruning_loss(m, w, xx, lam=lam, target=t, attn_scale=s, query_idx=idx, **shape_kw)
+        return qk_pruning_loss(m, w, xx, lam=lam, target=t, attn_scale=s, reg_scale=n_entries,
+                               query_idx=idx, **shape_kw)
 
+    wanda = {k: _wanda_scores(w, stats) for k, w in weights.items()}
     if cfg.init == "wanda":
-        init = {k: _wanda_init(w, stats) for k, w in weights.items()}
+        init = {k: _wanda_ranks(w, stats) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
     data = (weights, x, target, scale)
@@ -106,7 +124,10 @@ def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta,
     masks = res.masks
     keep, new = {}, {}
     for k, w in weights.items():
-        keep[k] = binarize(mask_scores(masks[k], w, cfg.score), cfg.sparsity_or_none, cfg.pattern)
+        # Projection leaves many entries exactly at 0 or 1; Wanda's score (in [0, 1]) breaks those
+        # ties instead of the index order, and is too small to reorder distinct mask values.
+        scores = mask_scores(masks[k], w, cfg.score) + cfg.tiebreak * wanda[k]
+        keep[k] = binarize(scores, cfg.sparsity_or_none, cfg.pattern)
         new[k] = (sparsegpt_reconstruct(w, stats, keep[k]) if cfg.update == "sparsegpt"
                   else jnp.where(keep[k], w, 0))
     info = dict(

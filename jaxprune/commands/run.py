@@ -11,6 +11,8 @@ from jaxprune.config import ConfigError, from_dict, load_yaml, parse_overrides
 # `experiment:` value in a config -> (module, config class, run function, summary function).
 EXPERIMENTS = {
     "synthetic": ("jaxprune.synthetic", "SyntheticConfig", "run", "summary"),
+    "table": ("jaxprune.table", "TableConfig", "run", "summary"),
+    "prune": ("jaxprune.job", "PruneConfig", "run_job", "summary"),
 }
 
 
