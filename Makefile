@@ -6,7 +6,7 @@ RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo table test test-fast lint format bench clean
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxprune needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
@@ -22,9 +22,14 @@ $(DEV): pyproject.toml $(RUNTIME)
 	@touch $@
 
 demo: $(RUNTIME)
+	$(VENV)/bin/jaxprune run experiments/configs/synthetic.yaml
 	$(VENV)/bin/jaxprune run experiments/configs/demo.yaml
 
+table: $(RUNTIME)
+	$(VENV)/bin/jaxprune run experiments/configs/table.yaml
+
 test: $(DEV)
+	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(DEV)
@@ -38,8 +43,9 @@ format: $(DEV)
 	$(VENV)/bin/ruff format jaxprune tests experiments benchmarks
 	$(VENV)/bin/ruff check --fix jaxprune tests experiments benchmarks
 
-bench: $(RUNTIME)
+bench: $(DEV)
 	$(PY) benchmarks/objective_step.py
+	$(PY) benchmarks/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

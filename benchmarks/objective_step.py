@@ -44,15 +44,18 @@ def main() -> None:
     x = jnp.asarray(rng.normal(size=(a.batch, a.n, a.d)), jnp.float32)
     weights = {
         "q": jnp.asarray(rng.normal(size=(a.d, a.heads * a.head_dim)) / np.sqrt(a.d), jnp.float32),
-        "k": jnp.asarray(rng.normal(size=(a.d, a.kv_heads * a.head_dim)) / np.sqrt(a.d), jnp.float32),
+        "k": jnp.asarray(
+            rng.normal(size=(a.d, a.kv_heads * a.head_dim)) / np.sqrt(a.d), jnp.float32
+        ),
     }
     kw = dict(n_heads=a.heads, n_kv_heads=a.kv_heads, rope_theta=1e5)
     target = jax.jit(lambda w, x: qk_layer_probs(w["q"], w["k"], x, **kw))(weights, x)
     masks = jax.tree.map(lambda w: 0.9 * jnp.ones_like(w), weights)
 
     # Data are arguments, not closed-over constants (XLA would constant-fold them).
-    step = jax.jit(jax.value_and_grad(
-        lambda m, w, x, t: qk_pruning_loss(m, w, x, lam=1e-3, target=t, **kw)[0]))
+    step = jax.jit(
+        jax.value_and_grad(lambda m, w, x, t: qk_pruning_loss(m, w, x, lam=1e-3, target=t, **kw)[0])
+    )
     args = (masks, weights, x, target)
     compiled = step.lower(*args).compile()
     cost = compiled.cost_analysis()
@@ -78,11 +81,19 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
     print(f"factored loss+grad, n={n} d={d} heads={h} kv_heads={g} head_dim={dh} batch={b}")
     print(f"  step time (median of {a.repeats}): {t_step * 1e3:.1f} ms")
-    print(f"  FLOPs per step: XLA cost analysis {xla_flops / 1e9:.2f} GFLOP, hand count {hand_flops / 1e9:.2f} GFLOP")
-    print(f"  achieved: {xla_flops / t_step / 1e9:.1f} GFLOP/s (XLA count), {hand_flops / t_step / 1e9:.1f} GFLOP/s (hand count)")
+    print(
+        f"  FLOPs per step: XLA cost analysis {xla_flops / 1e9:.2f} GFLOP, "
+        f"hand count {hand_flops / 1e9:.2f} GFLOP"
+    )
+    print(
+        f"  achieved: {xla_flops / t_step / 1e9:.1f} GFLOP/s (XLA count), "
+        f"{hand_flops / t_step / 1e9:.1f} GFLOP/s (hand count)"
+    )
     print(f"jnp.dot {m}x{m} @ {m}x{m}: {t_dot * 1e3:.1f} ms, {dot_flops / 1e9:.1f} GFLOP/s")
-    print(f"ratio step/dot FLOP/s: {xla_flops / t_step / dot_flops:.3f} (XLA count), "
-          f"{hand_flops / t_step / dot_flops:.3f} (hand count)")
+    print(
+        f"ratio step/dot FLOP/s: {xla_flops / t_step / dot_flops:.3f} (XLA count), "
+        f"{hand_flops / t_step / dot_flops:.3f} (hand count)"
+    )
 
 
 if __name__ == "__main__":

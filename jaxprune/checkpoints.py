@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a mask solve: state pytree plus a JSON fingerprint of the solve's settings."""
+"""Orbax checkpoints of a mask solve: the state pytree and a JSON fingerprint of its settings."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class CheckpointError(RuntimeError):
 
 
 def make_manager(directory: str | Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """A ``CheckpointManager`` on ``directory`` (created if needed) that keeps the last few steps."""
+    """A ``CheckpointManager`` on ``directory`` (created if needed) keeping the last steps."""
     directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
@@ -30,9 +30,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
     manager.wait_until_finished()
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, like: Any, meta: dict
-) -> tuple[int, Any] | None:
+def restore_latest(manager: ocp.CheckpointManager, like: Any, meta: dict) -> tuple[int, Any] | None:
     """Restores the newest checkpoint into the structure of ``like``.
 
     Args:

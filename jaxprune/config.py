@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key, type or value is not allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without YAML 1.1's base-60 integers, so ``pattern: 2:4`` stays the string "2:4"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_value(text: str):
+    """Parses one YAML scalar or collection (``"0.5"`` -> 0.5, ``"2:4"`` -> "2:4")."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _type_name(tp) -> str:
@@ -112,7 +133,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set steps=100.")
-        out[key.strip()] = yaml.safe_load(text)
+        out[key.strip()] = yaml_value(text)
     return out
 
 
@@ -120,9 +141,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping, with a clear error for a missing file or a non-mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see experiments/configs/ for examples.")
+        raise ConfigError(
+            f"config file {path} does not exist; see experiments/configs/ for examples."
+        )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_value(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -132,4 +155,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def to_dict(config) -> dict[str, Any]:
     """The config as plain JSON-able data (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }

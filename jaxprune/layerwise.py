@@ -16,8 +16,15 @@ from flax import nnx
 from jaxprune.model import DecoderLayer, Llama
 
 # Which captured activation feeds each prunable projection.
-INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
-            "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+INPUT_OF = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "o": "o_in",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "down": "down_in",
+}
 
 
 @partial(jax.jit, static_argnums=0)

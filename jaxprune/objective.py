@@ -193,7 +193,7 @@ def qk_pruning_loss(
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
-    """Factored loss on one layer: ``sum_heads 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``.
+    """Factored loss of one layer: ``sum_h 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``.
 
     Args:
       masks: ``{"q": (d, h*dh), "k": (d, g*dh)}`` relaxed masks.
@@ -209,8 +209,13 @@ def qk_pruning_loss(
     Returns:
       ``(loss, {"attention": attention term, "reg": regulariser})``.
     """
-    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, causal=causal,
-              query_idx=query_idx)
+    kw = dict(
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        rope_theta=rope_theta,
+        causal=causal,
+        query_idx=query_idx,
+    )
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     probs = qk_layer_probs(masks["q"] * weights["q"], masks["k"] * weights["k"], x, **kw)

@@ -28,8 +28,11 @@ from jaxprune.model import Llama, projection_kernels
 from jaxprune.softmax_prune import attention_error, prune_qk_softmax
 
 METHODS = ("dense", *BASELINES, "softmax")
-TARGETS = {"qk": ("q", "k"), "attn": ("q", "k", "v", "o"),
-           "all": ("q", "k", "v", "o", "gate", "up", "down")}
+TARGETS = {
+    "qk": ("q", "k"),
+    "attn": ("q", "k", "v", "o"),
+    "all": ("q", "k", "v", "o", "gate", "up", "down"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,9 @@ class PruneConfig:
     # Softmax-aware: choose lambda per layer so the mask mean is near the kept fraction.
     lam_search: bool = False
     # Softmax-aware: candidate lambdas of the search.
-    lam_grid: tuple[float, ...] = field(default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={"range": (0.0, None)})
+    lam_grid: tuple[float, ...] = field(
+        default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={"range": (0.0, None)}
+    )
     # Softmax-aware: steps of each short solve in the search.
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
     # Softmax-aware: start point, ones (the paper) or wanda (Wanda scores scaled to [0, 1]).
@@ -149,8 +154,9 @@ def _peak_memory_bytes() -> dict[str, int]:
     return out
 
 
-def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: list[np.ndarray],
-                cfg: PruneConfig) -> dict[str, Any]:
+def prune_model(
+    model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: list[np.ndarray], cfg: PruneConfig
+) -> dict[str, Any]:
     """Prunes ``model`` in place, layer by layer.
 
     Args:
@@ -178,8 +184,12 @@ def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: li
 
     update = jax.jit(update_stats)
     masks, layers = {}, []
-    bar = tqdm(range(c.num_layers), desc=f"prune {cfg.method}", unit="layer",
-               disable=None if cfg.progress else True)
+    bar = tqdm(
+        range(c.num_layers),
+        desc=f"prune {cfg.method}",
+        unit="layer",
+        disable=None if cfg.progress else True,
+    )
     for li in bar:
         layer = model.layers[li]
         graphdef, state = nnx.split(layer)
@@ -193,10 +203,15 @@ def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: li
             for h in hs:
                 caps = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), names)
                 for n in names:
-                    stats[n] = update(stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]),
-                                      caps[n])
+                    stats[n] = update(
+                        stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]), caps[n]
+                    )
                 want = cfg.softmax_samples - soft_count
-                if cfg.method == "softmax" and want > 0 and h.shape[1] >= min(cfg.softmax_seq_len, longest):
+                if (
+                    cfg.method == "softmax"
+                    and want > 0
+                    and h.shape[1] >= min(cfg.softmax_seq_len, longest)
+                ):
                     take = caps["attn_in"][:want, : cfg.softmax_seq_len]
                     soft_x.append(take)
                     soft_count += take.shape[0]
@@ -205,22 +220,38 @@ def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: li
             if cfg.method == "softmax":
                 x = _stack_prefixes(soft_x, cfg.softmax_seq_len)
                 qk_new, keep, soft_info = prune_qk_softmax(
-                    dense_qk, x, stats["attn_in"], cfg, progress=cfg.progress,
-                    desc=f"layer {li} softmax", **shape_kw)
+                    dense_qk,
+                    x,
+                    stats["attn_in"],
+                    cfg,
+                    progress=cfg.progress,
+                    desc=f"layer {li} softmax",
+                    **shape_kw,
+                )
                 new.update(qk_new)
                 masks[li] = dict(keep)
                 info |= soft_info
                 info["softmax_tokens"] = list(x.shape[:2])
-                info["calib_attention_error"] = float(attention_error(
-                    dense_qk["q"], dense_qk["k"], new["q"], new["k"], x, **shape_kw))
+                info["calib_attention_error"] = float(
+                    attention_error(dense_qk["q"], dense_qk["k"], new["q"], new["k"], x, **shape_kw)
+                )
                 rest = [t for t in targets if t not in ("q", "k")]
             method = cfg.other_method if cfg.method == "softmax" else cfg.method
-            opts = {"blocksize": cfg.blocksize, "percdamp": cfg.percdamp} if method == "sparsegpt" else {}
+            opts = (
+                {"blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
+                if method == "sparsegpt"
+                else {}
+            )
             for name in rest:
                 w = jnp.asarray(kernels[name][...])
-                new[name], keep = prune_matrix(method, w, stats[layerwise.INPUT_OF[name]],
-                                               sparsity=cfg.sparsity_or_none, pattern=cfg.pattern,
-                                               **opts)
+                new[name], keep = prune_matrix(
+                    method,
+                    w,
+                    stats[layerwise.INPUT_OF[name]],
+                    sparsity=cfg.sparsity_or_none,
+                    pattern=cfg.pattern,
+                    **opts,
+                )
                 masks.setdefault(li, {})[name] = keep
             for name, w in new.items():
                 kernels[name][...] = w
@@ -229,17 +260,33 @@ def prune_model(model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: li
         if held:
             errs = []
             for h in held:
-                x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))["attn_in"]
-                errs.append(float(attention_error(dense_qk["q"], dense_qk["k"], kernels["q"][...],
-                                                  kernels["k"][...], x, **shape_kw)))
+                x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))[
+                    "attn_in"
+                ]
+                errs.append(
+                    float(
+                        attention_error(
+                            dense_qk["q"],
+                            dense_qk["k"],
+                            kernels["q"][...],
+                            kernels["k"][...],
+                            x,
+                            **shape_kw,
+                        )
+                    )
+                )
             info["heldout_attention_error"] = float(np.mean(errs))
         hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
         held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
         layers.append(info)
     bar.close()
     jax.block_until_ready(hs)
-    return {"masks": masks, "layers": layers, "seconds": time.perf_counter() - start,
-            **_peak_memory_bytes()}
+    return {
+        "masks": masks,
+        "layers": layers,
+        "seconds": time.perf_counter() - start,
+        **_peak_memory_bytes(),
+    }
 
 
 def _stack_prefixes(xs: list[jax.Array], seq_len: int) -> jax.Array:

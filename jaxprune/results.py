@@ -25,7 +25,9 @@ def new_run_dir(base: str | Path) -> Path:
 
 def command_line() -> str:
     """The command that started this process, quoted so it can be pasted back."""
-    return " ".join(shlex.quote(a) for a in ["jaxprune" if i == 0 else a for i, a in enumerate(sys.argv)])
+    return " ".join(
+        shlex.quote(a) for a in ["jaxprune" if i == 0 else a for i, a in enumerate(sys.argv)]
+    )
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -61,4 +63,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
+    return "\n".join(
+        [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+        + [fmt.format(*r) for r in cells]
+    )

@@ -35,8 +35,9 @@ from jaxprune.solvers import solve_masks
 @partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "query_idx"))
 def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx):
     idx = None if query_idx is None else jnp.asarray(query_idx)
-    probs = qk_layer_probs(wq, wk, x, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                           rope_theta=rope_theta, query_idx=idx)
+    probs = qk_layer_probs(
+        wq, wk, x, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, query_idx=idx
+    )
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
@@ -64,8 +65,9 @@ def _wanda_ranks(w, stats: InputStats):
     return (ranks / (score.size - 1)).reshape(w.shape).astype(w.dtype)
 
 
-def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta, progress=True,
-                     desc="softmax"):
+def prune_qk_softmax(
+    weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta, progress=True, desc="softmax"
+):
     """Optimises and rounds the q/k masks of one layer.
 
     Args:
@@ -98,8 +100,17 @@ def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta,
 
     def loss_fn(m, data, lam):
         w, xx, t, s = data
-        return qk_pruning_loss(m, w, xx, lam=lam, target=t, attn_scale=s, reg_scale=n_entries,
-                               query_idx=idx, **shape_kw)
+        return qk_pruning_loss(
+            m,
+            w,
+            xx,
+            lam=lam,
+            target=t,
+            attn_scale=s,
+            reg_scale=n_entries,
+            query_idx=idx,
+            **shape_kw,
+        )
 
     wanda = {k: _wanda_scores(w, stats) for k, w in weights.items()}
     if cfg.init == "wanda":
@@ -107,8 +118,15 @@ def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta,
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
     data = (weights, x, target, scale)
-    solve_kw = dict(data=data, optimizer=cfg.optimizer, step_size=cfg.lr, schedule=cfg.schedule,
-                    project=True, chunk_steps=min(cfg.steps, 25), progress=progress)
+    solve_kw = dict(
+        data=data,
+        optimizer=cfg.optimizer,
+        step_size=cfg.lr,
+        schedule=cfg.schedule,
+        project=True,
+        chunk_steps=min(cfg.steps, 25),
+        progress=progress,
+    )
     if cfg.optimizer == "gd" and cfg.lr <= 0:
         solve_kw["step_size"] = None
 
@@ -116,8 +134,13 @@ def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta,
     lam, searched = cfg.lam, {}
     if cfg.lam_search:
         for cand in cfg.lam_grid:
-            res = solve_masks(partial(loss_fn, lam=cand), init, steps=cfg.search_steps,
-                              desc=f"{desc} lam={cand:g}", **solve_kw)
+            res = solve_masks(
+                partial(loss_fn, lam=cand),
+                init,
+                steps=cfg.search_steps,
+                desc=f"{desc} lam={cand:g}",
+                **solve_kw,
+            )
             searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
         lam = min(searched, key=lambda c: abs(searched[c] - keep_frac))
     res = solve_masks(partial(loss_fn, lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
@@ -128,11 +151,17 @@ def prune_qk_softmax(weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta,
         # ties instead of the index order, and is too small to reorder distinct mask values.
         scores = mask_scores(masks[k], w, cfg.score) + cfg.tiebreak * wanda[k]
         keep[k] = binarize(scores, cfg.sparsity_or_none, cfg.pattern)
-        new[k] = (sparsegpt_reconstruct(w, stats, keep[k]) if cfg.update == "sparsegpt"
-                  else jnp.where(keep[k], w, 0))
+        new[k] = (
+            sparsegpt_reconstruct(w, stats, keep[k])
+            if cfg.update == "sparsegpt"
+            else jnp.where(keep[k], w, 0)
+        )
     info = dict(
-        lam=lam, lam_search=searched, mask_mean=float(np.mean([float(jnp.mean(m)) for m in masks.values()])),
-        initial_loss=float(res.history["loss"][0]), final_loss=res.final_loss,
+        lam=lam,
+        lam_search=searched,
+        mask_mean=float(np.mean([float(jnp.mean(m)) for m in masks.values()])),
+        initial_loss=float(res.history["loss"][0]),
+        final_loss=res.final_loss,
         final_attention_term=float(res.history["attention"][-1]),
         solve_seconds=time.perf_counter() - start,
     )

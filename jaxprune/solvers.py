@@ -28,7 +28,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxprune import checkpoints
-from jaxprune.objective import attention_pruning_grad, attention_pruning_loss, _merged_terms
+from jaxprune.objective import _merged_terms, attention_pruning_grad, attention_pruning_loss
 
 OPTIMIZERS = ("gd", "sgd", "adam")
 SCHEDULES = ("constant", "cosine")
@@ -78,7 +78,9 @@ def smoothness_estimate(
     """
     leaves, treedef = jax.tree.flatten(masks)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    v = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    v = treedef.unflatten(
+        [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    )
 
     @jax.jit
     def power(v, masks, data):
@@ -185,15 +187,26 @@ def solve_masks(
         return loss, aux.get("attention", loss), grad_fn(m, data)
 
     def gd_step(data, state, _):
-        m, eta, loss, attn, g = state["masks"], state["eta"], state["loss"], state["attn"], state["grad"]
+        m, eta, loss, attn, g = (
+            state["masks"],
+            state["eta"],
+            state["loss"],
+            state["attn"],
+            state["grad"],
+        )
         cand = _project(jax.tree.map(lambda a, b: a - eta * b, m, g), project)
         c_loss, c_attn, c_grad = evaluate(cand, data)
         accept = c_loss <= loss
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)  # noqa: E731
         record = (loss, attn, _grad_norm(g), eta)
         new = dict(
-            masks=pick(cand, m), eta=jnp.where(accept, eta, eta / 2), loss=pick(c_loss, loss),
-            attn=pick(c_attn, attn), grad=pick(c_grad, g), opt=state["opt"], step=state["step"] + 1,
+            masks=pick(cand, m),
+            eta=jnp.where(accept, eta, eta / 2),
+            loss=pick(c_loss, loss),
+            attn=pick(c_attn, attn),
+            grad=pick(c_grad, g),
+            opt=state["opt"],
+            step=state["step"] + 1,
         )
         return new, record
 
@@ -219,15 +232,28 @@ def solve_masks(
     def initial_state(m, data):
         loss, attn, g = evaluate(m, data)
         opt_state = opt.init(m) if opt is not None else ()
-        return dict(masks=m, eta=jnp.asarray(step_size, dtype), loss=loss, attn=attn, grad=g,
-                    opt=opt_state, step=jnp.zeros((), jnp.int32))
+        return dict(
+            masks=m,
+            eta=jnp.asarray(step_size, dtype),
+            loss=loss,
+            attn=attn,
+            grad=g,
+            opt=opt_state,
+            step=jnp.zeros((), jnp.int32),
+        )
 
     state = initial_state(init, data)
     history = np.full((len(HISTORY_KEYS), steps), np.nan, dtype=np.float64)
     done = 0
     manager = None
-    meta = dict(steps=steps, optimizer=optimizer, step_size=float(step_size), schedule=schedule,
-                project=project, chunk_steps=chunk_steps)
+    meta = dict(
+        steps=steps,
+        optimizer=optimizer,
+        step_size=float(step_size),
+        schedule=schedule,
+        project=project,
+        chunk_steps=chunk_steps,
+    )
     if checkpoint_dir is not None:
         manager = checkpoints.make_manager(checkpoint_dir)
         restored = checkpoints.restore_latest(manager, {"solver": state, "history": history}, meta)
@@ -237,7 +263,9 @@ def solve_masks(
     initial_loss = float(history[0, 0]) if done else float(state["loss"])
 
     # disable=None: tqdm hides itself when stderr is not a terminal (logs stay readable).
-    bar = tqdm(total=steps, initial=done, desc=desc, disable=None if progress else True, leave=False)
+    bar = tqdm(
+        total=steps, initial=done, desc=desc, disable=None if progress else True, leave=False
+    )
     try:
         while done < steps:
             length = min(chunk_steps, steps - done)
@@ -303,6 +331,7 @@ def solve_mask(
     Returns:
       A :class:`SolveResult` whose ``masks`` is the ``(d, d)`` relaxed mask.
     """
+
     def loss_fn(m, data):
         attn = _merged_terms(m, *data, causal)[0]
         return attn + 0.5 * lam * jnp.sum(m * m), {"attention": attn}
@@ -312,5 +341,12 @@ def solve_mask(
             return attention_pruning_grad(m, *data, lam=lam, causal=causal)
         return jax.grad(attention_pruning_loss)(m, *data, lam=lam, causal=causal)
 
-    return solve_masks(loss_fn, jnp.ones_like(weight), data=(weight, x), steps=steps,
-                       step_size=step_size, grad_fn=grad_fn, **kwargs)
+    return solve_masks(
+        loss_fn,
+        jnp.ones_like(weight),
+        data=(weight, x),
+        steps=steps,
+        step_size=step_size,
+        grad_fn=grad_fn,
+        **kwargs,
+    )

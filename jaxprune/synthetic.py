@@ -49,7 +49,9 @@ class SyntheticConfig:
     # Causal mask C in f.
     causal: bool = True
     # Values of lambda for the convergence runs.
-    lams: tuple[float, ...] = field(default=(1e-3, 1e-2, 3e-2), metadata={**POSITIVE, "nonempty": True})
+    lams: tuple[float, ...] = field(
+        default=(1e-3, 1e-2, 3e-2), metadata={**POSITIVE, "nonempty": True}
+    )
     # Step sizes as multiples of the derived 1/L (1.0 = the derived step).
     step_scales: tuple[float, ...] = field(default=(0.25, 1.0), metadata={"range": (1e-6, 1e3)})
     # Gradient-descent steps per run.
@@ -63,7 +65,9 @@ class SyntheticConfig:
     # Rounding pattern for every method: unstructured, row, or N:M such as 2:4.
     pattern: str = "unstructured"
     # Lambdas of the masks compared in the rounding comparison (one method per value).
-    round_lams: tuple[float, ...] = field(default=(1e-3, 1e-2), metadata={**POSITIVE, "nonempty": True})
+    round_lams: tuple[float, ...] = field(
+        default=(1e-3, 1e-2), metadata={**POSITIVE, "nonempty": True}
+    )
     # Steps per compiled chunk (progress granularity).
     chunk_steps: int = field(default=50, metadata={"range": (1, 100_000)})
     # Folder under which a new timestamped run folder is made.
@@ -97,6 +101,10 @@ def attention_error(keep, weight, x, causal=True):
     return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
 
 
+def _merged_grad(mask, data, *, lam, causal):
+    return attention_pruning_grad(mask, *data, lam=lam, causal=causal)
+
+
 def linear_rate(gap: np.ndarray, floor: float = 1e-6) -> float:
     """Per-step contraction of ``L - L*`` from a log-linear fit while the gap is above
     ``floor`` times its start (NaN when too few points)."""
@@ -117,36 +125,67 @@ def run(cfg: SyntheticConfig) -> dict:
     start = time.perf_counter()
     out = results.new_run_dir(cfg.out)
     x, x_held, w = make_problem(cfg)
-    solve_kw = dict(causal=cfg.causal, project=cfg.project, chunk_steps=cfg.chunk_steps,
-                    progress=cfg.progress)
+    solve_kw = dict(
+        causal=cfg.causal, project=cfg.project, chunk_steps=cfg.chunk_steps, progress=cfg.progress
+    )
 
     runs, curves = [], []
     for lam in cfg.lams:
-        grad_fn = partial(attention_pruning_grad, lam=lam, causal=cfg.causal)
-        smooth = smoothness_estimate(lambda m, d: grad_fn(m, *d), jnp.ones_like(w), (w, x))
-        ref = solve_mask(w, x, lam=lam, steps=cfg.steps * cfg.ref_factor, step_size=1.0 / smooth,
-                         desc=f"L* lam={lam:g}", **solve_kw)
+        grad_fn = partial(_merged_grad, lam=lam, causal=cfg.causal)
+        smooth = smoothness_estimate(grad_fn, jnp.ones_like(w), (w, x))
+        ref = solve_mask(
+            w,
+            x,
+            lam=lam,
+            steps=cfg.steps * cfg.ref_factor,
+            step_size=1.0 / smooth,
+            desc=f"L* lam={lam:g}",
+            **solve_kw,
+        )
         l_star = min(ref.final_loss, float(np.min(ref.history["loss"])))
         for scale in cfg.step_scales:
-            res = solve_mask(w, x, lam=lam, steps=cfg.steps, step_size=scale / smooth,
-                             desc=f"lam={lam:g} eta={scale:g}/L", **solve_kw)
+            res = solve_mask(
+                w,
+                x,
+                lam=lam,
+                steps=cfg.steps,
+                step_size=scale / smooth,
+                desc=f"lam={lam:g} eta={scale:g}/L",
+                **solve_kw,
+            )
             loss = res.history["loss"]
             gap = np.maximum(loss - l_star, 0.0)
-            runs.append(dict(
-                lam=lam, step_scale=scale, step_size=res.step_size, smoothness=smooth,
-                initial_loss=float(loss[0]), final_loss=res.final_loss, l_star=l_star,
-                rate=linear_rate(gap), monotone=bool(np.all(np.diff(loss) <= 1e-7 * abs(loss[0]))),
-                rejected_steps=int(np.sum(np.diff(res.history["step_size"]) < 0)),
-            ))
-            curves.append(dict(group=f"lambda = {lam:g}", label=f"eta = {scale:g}/L", gap=gap,
-                               grad_norm=res.history["grad_norm"]))
-    plots.convergence_plot(curves, out / "convergence.png",
-                           title=f"Algorithm 1 on random X, W (n={cfg.n}, d={cfg.d})")
+            runs.append(
+                dict(
+                    lam=lam,
+                    step_scale=scale,
+                    step_size=res.step_size,
+                    smoothness=smooth,
+                    initial_loss=float(loss[0]),
+                    final_loss=res.final_loss,
+                    l_star=l_star,
+                    rate=linear_rate(gap),
+                    monotone=bool(np.all(np.diff(loss) <= 1e-7 * abs(loss[0]))),
+                    rejected_steps=int(np.sum(np.diff(res.history["step_size"]) < 0)),
+                )
+            )
+            curves.append(
+                dict(
+                    group=f"lambda = {lam:g}",
+                    label=f"eta = {scale:g}/L",
+                    gap=gap,
+                    grad_norm=res.history["grad_norm"],
+                )
+            )
+    plots.convergence_plot(
+        curves, out / "convergence.png", title=f"Algorithm 1 on random X, W (n={cfg.n}, d={cfg.d})"
+    )
 
     scores = {}
     for lam in cfg.round_lams:
-        mask = solve_mask(w, x, lam=lam, steps=cfg.steps, desc=f"rounding mask lam={lam:g}",
-                          **solve_kw).masks
+        mask = solve_mask(
+            w, x, lam=lam, steps=cfg.steps, desc=f"rounding mask lam={lam:g}", **solve_kw
+        ).masks
         scores[f"M (lam={lam:g})"] = mask
         scores[f"|M*W| (lam={lam:g})"] = jnp.abs(mask * w)
     col_norm = jnp.sqrt(jnp.sum(x**2, axis=(0, 1)))
@@ -160,19 +199,34 @@ def run(cfg: SyntheticConfig) -> dict:
     for sparsity in cfg.sparsities:
         for method, score in scores.items():
             keep = binarize(score, sparsity, cfg.pattern)
-            rounding.append(dict(
-                sparsity=sparsity, method=method, measured_sparsity=measured_sparsity(keep),
-                error_calibration=float(attention_error(keep, w, x, cfg.causal)),
-                error_heldout=float(attention_error(keep, w, x_held, cfg.causal)),
-            ))
+            rounding.append(
+                dict(
+                    sparsity=sparsity,
+                    method=method,
+                    measured_sparsity=measured_sparsity(keep),
+                    error_calibration=float(attention_error(keep, w, x, cfg.causal)),
+                    error_heldout=float(attention_error(keep, w, x_held, cfg.causal)),
+                )
+            )
     series = {m: [r["error_heldout"] for r in rounding if r["method"] == m] for m in scores}
-    plots.lines_plot(cfg.sparsities, series, out / "rounding.png", xlabel="sparsity",
-                     ylabel="||f(B*W) - f(W)||_F / ||f(W)||_F (held out)", logy=True,
-                     title=f"Rounded masks ({cfg.pattern}): softmax-aware vs linear")
+    plots.lines_plot(
+        cfg.sparsities,
+        series,
+        out / "rounding.png",
+        xlabel="sparsity",
+        ylabel="||f(B*W) - f(W)||_F / ||f(W)||_F (held out)",
+        logy=True,
+        title=f"Rounded masks ({cfg.pattern}): softmax-aware vs linear",
+    )
 
     metrics = dict(
-        experiment="synthetic", command=results.command_line(), config=to_dict(cfg),
-        runs=runs, rounding=rounding, seconds=time.perf_counter() - start, run_dir=str(out),
+        experiment="synthetic",
+        command=results.command_line(),
+        config=to_dict(cfg),
+        runs=runs,
+        rounding=rounding,
+        seconds=time.perf_counter() - start,
+        run_dir=str(out),
         files=["convergence.png", "rounding.png", "metrics.json"],
     )
     results.write_json(out / "metrics.json", metrics)
@@ -183,15 +237,28 @@ def summary(metrics: dict) -> str:
     """The short tables printed at the end of a run."""
     conv = results.text_table(
         ["lambda", "eta*L", "L(M_0)", "L(M_T)", "L*", "rate/step", "monotone"],
-        [[r["lam"], r["step_scale"], r["initial_loss"], r["final_loss"], r["l_star"], r["rate"],
-          r["monotone"]] for r in metrics["runs"]],
+        [
+            [
+                r["lam"],
+                r["step_scale"],
+                r["initial_loss"],
+                r["final_loss"],
+                r["l_star"],
+                r["rate"],
+                r["monotone"],
+            ]
+            for r in metrics["runs"]
+        ],
     )
     methods = list(dict.fromkeys(r["method"] for r in metrics["rounding"]))
     sparsities = list(dict.fromkeys(r["sparsity"] for r in metrics["rounding"]))
     table = {(r["sparsity"], r["method"]): r["error_heldout"] for r in metrics["rounding"]}
-    rnd = results.text_table(["sparsity", *methods],
-                             [[s, *(table[s, m] for m in methods)] for s in sparsities])
-    return (f"Convergence (loss gap to L* falls by 'rate' per step):\n{conv}\n\n"
-            f"Held-out relative attention error of the rounded mask:\n{rnd}\n\n"
-            f"Wrote {Path(metrics['run_dir'])}/{{{', '.join(metrics['files'])}}} "
-            f"in {metrics['seconds']:.1f} s")
+    rnd = results.text_table(
+        ["sparsity", *methods], [[s, *(table[s, m] for m in methods)] for s in sparsities]
+    )
+    return (
+        f"Convergence (loss gap to L* falls by 'rate' per step):\n{conv}\n\n"
+        f"Held-out relative attention error of the rounded mask:\n{rnd}\n\n"
+        f"Wrote {Path(metrics['run_dir'])}/{{{', '.join(metrics['files'])}}} "
+        f"in {metrics['seconds']:.1f} s"
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from dataclasses import field
 from pathlib import Path
 
@@ -53,24 +52,6 @@ class TableConfig:
         return out
 
 
-def command_for(cfg: PruneConfig) -> str:
-    """The ``jaxprune prune`` command that reproduces one row (method, targets, pattern and
-    sparsity always, other keys where they differ from the defaults)."""
-    default = PruneConfig()
-    always = ("method", "targets", "pattern", "sparsity")
-    parts = ["jaxprune", "prune"]
-    for f in dataclasses.fields(PruneConfig):
-        value = getattr(cfg, f.name)
-        if f.name == "progress" or (f.name not in always and value == getattr(default, f.name)):
-            continue
-        if isinstance(value, tuple):
-            text = json.dumps(list(value))
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-        parts += [f"--{f.name.replace('_', '-')}", text]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def _reusable(out: Path, cfg: PruneConfig) -> dict | None:
     for path in sorted((out / "runs").glob("*/metrics.json"), reverse=True):
         metrics = json.loads(path.read_text())
@@ -81,7 +62,7 @@ def _reusable(out: Path, cfg: PruneConfig) -> dict | None:
 
 def run(cfg: TableConfig) -> dict:
     """Runs (or reuses) every row, then writes ``table.md``, ``table.json`` and the plots."""
-    from jaxprune.job import run_job, summary
+    from jaxprune.job import command_for, run_job, summary
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,35 +78,76 @@ def run(cfg: TableConfig) -> dict:
             print(f"[table] {name}: reusing {metrics['run_dir']}", flush=True)
         rows.append({"name": name, **metrics})
         _write(out, rows, cfg)
-    return {"rows": rows, "out": str(out), "files": ["table.md", "table.json", "perplexity.png",
-                                                      "attention_error.png"]}
+    return {
+        "rows": rows,
+        "out": str(out),
+        "files": ["table.md", "table.json", "perplexity.png", "attention_error.png"],
+    }
 
 
 def _write(out: Path, rows: list[dict], cfg: TableConfig) -> None:
     datasets = list(dict.fromkeys(k for r in rows for k in r["perplexity"]))
-    headers = ["row", *(f"{d} ppl" for d in datasets), "sparsity", "prune s", "peak RSS GiB",
-               "command"]
-    body = [[r["name"], *(r["perplexity"].get(d, float("nan")) for d in datasets),
-             r["mean_sparsity"], r["prune_seconds"], r["host_peak_rss_bytes"] / 2**30,
-             f"`{r['command']}`"] for r in rows]
+    headers = [
+        "row",
+        *(f"{d} ppl" for d in datasets),
+        "sparsity",
+        "prune s",
+        "peak RSS GiB",
+        "command",
+    ]
+    body = [
+        [
+            r["name"],
+            *(r["perplexity"].get(d, float("nan")) for d in datasets),
+            r["mean_sparsity"],
+            r["prune_seconds"],
+            r["host_peak_rss_bytes"] / 2**30,
+            f"`{r['command']}`",
+        ]
+        for r in rows
+    ]
     (out / "table.md").write_text(results.markdown_table(headers, body) + "\n")
     results.write_json(out / "table.json", rows)
-    plots.bar_plot([r["name"] for r in rows],
-                   {d: [r["perplexity"].get(d, float("nan")) for r in rows] for d in datasets},
-                   out / "perplexity.png", ylabel="perplexity (log)", logy=True,
-                   title="Perplexity after pruning (lower is better)")
-    chosen = [r for r in rows if (r["name"] in cfg.attention_rows if cfg.attention_rows
-                                  else r["config"]["targets"] == "qk" and r["config"]["method"] != "dense")]
-    series = {r["name"]: [layer.get("heldout_attention_error", float("nan")) for layer in r["layers"]]
-              for r in chosen}
+    plots.bar_plot(
+        [r["name"] for r in rows],
+        {d: [r["perplexity"].get(d, float("nan")) for r in rows] for d in datasets},
+        out / "perplexity.png",
+        ylabel="perplexity (log)",
+        logy=True,
+        title="Perplexity after pruning (lower is better)",
+    )
+    chosen = [
+        r
+        for r in rows
+        if (
+            r["name"] in cfg.attention_rows
+            if cfg.attention_rows
+            else r["config"]["targets"] == "qk" and r["config"]["method"] != "dense"
+        )
+    ]
+    series = {
+        r["name"]: [layer.get("heldout_attention_error", float("nan")) for layer in r["layers"]]
+        for r in chosen
+    }
     if series:
         n = max(len(v) for v in series.values())
-        plots.lines_plot(list(range(n)), series, out / "attention_error.png", xlabel="layer",
-                         ylabel="||P_pruned - P||_F / ||P||_F (held out)", logy=True,
-                         title="Attention-matrix error per layer")
+        plots.lines_plot(
+            list(range(n)),
+            series,
+            out / "attention_error.png",
+            xlabel="layer",
+            ylabel="||P_pruned - P||_F / ||P||_F (held out)",
+            logy=True,
+            title="Attention-matrix error per layer",
+        )
 
 
 def summary(metrics: dict) -> str:
     """The Markdown table, for the terminal."""
-    return (Path(metrics["out"]) / "table.md").read_text() + f"\nWrote {metrics['out']}/" + \
-        "{" + ", ".join(metrics["files"]) + "}"
+    return (
+        (Path(metrics["out"]) / "table.md").read_text()
+        + f"\nWrote {metrics['out']}/"
+        + "{"
+        + ", ".join(metrics["files"])
+        + "}"
+    )

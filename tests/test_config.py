@@ -34,9 +34,20 @@ def test_bad_values_name_the_key_and_what_is_allowed(raw, match):
         from_dict(SyntheticConfig, raw)
 
 
+def test_n_m_patterns_stay_strings_in_yaml():
+    assert parse_overrides(["pattern=2:4", "steps=0x10", "seed=-3"]) == {
+        "pattern": "2:4",
+        "steps": 16,
+        "seed": -3,
+    }
+
+
 def test_overrides_parse_yaml_values():
     assert parse_overrides(["steps=5", "lams=[0.1, 0.2]", "out=a=b"]) == {
-        "steps": 5, "lams": [0.1, 0.2], "out": "a=b"}
+        "steps": 5,
+        "lams": [0.1, 0.2],
+        "out": "a=b",
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["steps"])
 

@@ -22,7 +22,9 @@ def test_ties_go_to_the_earlier_index_and_count_is_exact():
 def test_row_pattern_prunes_within_each_output_column():
     scores = jnp.array([[1.0, 8.0], [2.0, 7.0], [3.0, 6.0], [4.0, 5.0]])
     keep = binarize(scores, 0.5, "row")
-    np.testing.assert_array_equal(keep, [[False, True], [False, True], [True, False], [True, False]])
+    np.testing.assert_array_equal(
+        keep, [[False, True], [False, True], [True, False], [True, False]]
+    )
 
 
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])
@@ -34,7 +36,9 @@ def test_n_m_keeps_n_in_every_group_of_m_inputs(pattern, n, m):
     assert (groups.sum(axis=1) == n).all()
     # The kept ones are the largest of their group.
     s = np.asarray(scores).reshape(16 // m, m, 5)
-    assert (np.where(groups, s, np.inf).min(axis=1) >= np.where(groups, -np.inf, s).max(axis=1)).all()
+    assert (
+        np.where(groups, s, np.inf).min(axis=1) >= np.where(groups, -np.inf, s).max(axis=1)
+    ).all()
     assert measured_sparsity(jnp.asarray(keep)) == pytest.approx(1 - n / m)
 
 

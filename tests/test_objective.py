@@ -36,7 +36,7 @@ def np_grad(m, w, xs, lam, causal):
     for x in xs:
         f = np_probs(m * w, x, causal)
         c = f - np_probs(w, x, causal)
-        g_s = np.stack([(np.diag(fr) - np.outer(fr, fr)) @ cr for fr, cr in zip(f, c)])
+        g_s = np.stack([(np.diag(fr) - np.outer(fr, fr)) @ cr for fr, cr in zip(f, c, strict=True)])
         total += w * (x.T @ g_s @ x)
     return total / len(xs) + lam * m
 
@@ -74,7 +74,9 @@ def test_closed_form_grad_equals_autodiff_and_finite_differences(causal):
     for i, j in np.ndindex(*m.shape):
         e = np.zeros_like(m)
         e[i, j] = eps
-        fd[i, j] = (np_loss(m + e, w, list(x), lam, causal) - np_loss(m - e, w, list(x), lam, causal)) / (2 * eps)
+        fd[i, j] = (
+            np_loss(m + e, w, list(x), lam, causal) - np_loss(m - e, w, list(x), lam, causal)
+        ) / (2 * eps)
     np.testing.assert_allclose(closed, fd, rtol=1e-6, atol=1e-9)
 
 
@@ -158,10 +160,12 @@ def test_layers_vmap_equals_sum_of_layers():
     masks = jax.tree.map(lambda w: rng.uniform(size=w.shape), weights)
     kw = dict(lam=0.1, n_heads=h, n_kv_heads=g, rope_theta=1e4)
     total, _ = objective.qk_pruning_loss_layers(masks, weights, x, **kw)
+
+    def layer(tree, i):
+        return jax.tree.map(lambda a: a[i], tree)
+
     per_layer = [
-        objective.qk_pruning_loss(
-            jax.tree.map(lambda a: a[i], masks), jax.tree.map(lambda a: a[i], weights), x[i], **kw
-        )[0]
+        objective.qk_pruning_loss(layer(masks, i), layer(weights, i), x[i], **kw)[0]
         for i in range(L)
     ]
     np.testing.assert_allclose(total, sum(per_layer), rtol=1e-12)

@@ -30,7 +30,9 @@ def test_derived_step_gd_is_monotone_and_converges():
 def test_derived_step_is_inverse_of_the_hessian_norm():
     # A quadratic with Hessian diag(1, 10): the power iteration must find 10.
     h = jnp.array([1.0, 10.0])
-    assert smoothness_estimate(lambda m, _: h * m, jnp.ones(2), iters=50) == pytest.approx(10, rel=1e-3)
+    assert smoothness_estimate(lambda m, _: h * m, jnp.ones(2), iters=50) == pytest.approx(
+        10, rel=1e-3
+    )
 
 
 def test_too_large_step_is_rejected_not_taken():
@@ -50,8 +52,16 @@ def test_closed_form_and_autodiff_solves_agree():
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "constant"), ("adam", "cosine")])
 def test_optax_optimizers_keep_the_mask_in_the_unit_box(optimizer, schedule):
     w, x = problem(3)
-    res = solve_mask(w, x, lam=0.5, steps=60, optimizer=optimizer, step_size=0.05,
-                     schedule=schedule, progress=False)
+    res = solve_mask(
+        w,
+        x,
+        lam=0.5,
+        steps=60,
+        optimizer=optimizer,
+        step_size=0.05,
+        schedule=schedule,
+        progress=False,
+    )
     assert float(res.masks.min()) >= 0.0 and float(res.masks.max()) <= 1.0
     assert res.final_loss < res.history["loss"][0]
 
@@ -60,12 +70,18 @@ def test_pytree_of_masks_for_several_layers():
     rng = np.random.default_rng(4)
     L, d, h, g, dh, n = 2, 8, 2, 1, 4, 6
     x = jnp.asarray(rng.normal(size=(L, 2, n, d)), jnp.float32)
-    weights = {"q": jnp.asarray(rng.normal(size=(L, d, h * dh)), jnp.float32),
-               "k": jnp.asarray(rng.normal(size=(L, d, g * dh)), jnp.float32)}
+    weights = {
+        "q": jnp.asarray(rng.normal(size=(L, d, h * dh)), jnp.float32),
+        "k": jnp.asarray(rng.normal(size=(L, d, g * dh)), jnp.float32),
+    }
     kw = dict(lam=0.05, n_heads=h, n_kv_heads=g, rope_theta=1e4)
-    res = solve_masks(lambda m, d: objective.qk_pruning_loss_layers(m, *d, **kw),
-                      jax.tree.map(jnp.ones_like, weights), data=(weights, x), steps=40,
-                      progress=False)
+    res = solve_masks(
+        lambda m, d: objective.qk_pruning_loss_layers(m, *d, **kw),
+        jax.tree.map(jnp.ones_like, weights),
+        data=(weights, x),
+        steps=40,
+        progress=False,
+    )
     assert jax.tree.map(jnp.shape, res.masks) == jax.tree.map(jnp.shape, weights)
     assert np.all(np.diff(res.history["loss"]) <= 0)
 
@@ -81,8 +97,16 @@ def test_exploding_loss_is_reported_as_divergence():
     # lam < 0 makes the loss unbounded below in magnitude: |loss| grows without limit.
     quad = lambda m, _: (jnp.sum(m**2) * 1.0, {})  # noqa: E731
     with pytest.raises(SolveDivergedError, match="diverged at step"):
-        solve_masks(quad, jnp.ones(3), steps=200, optimizer="sgd", step_size=5.0, project=False,
-                    progress=False, chunk_steps=10)
+        solve_masks(
+            quad,
+            jnp.ones(3),
+            steps=200,
+            optimizer="sgd",
+            step_size=5.0,
+            project=False,
+            progress=False,
+            chunk_steps=10,
+        )
 
 
 def test_bad_settings_are_clear_errors():
@@ -92,14 +116,22 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="needs a step_size"):
         solve_mask(w, x, lam=0.1, steps=5, optimizer="adam")
     with pytest.raises(ValueError, match="multiple of"):
-        solve_mask(w, x, lam=0.1, steps=5, chunk_steps=4, checkpoint_every=6, checkpoint_dir="/tmp/x")
+        solve_mask(
+            w, x, lam=0.1, steps=5, chunk_steps=4, checkpoint_every=6, checkpoint_dir="/tmp/x"
+        )
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "adam"])
 def test_resume_after_a_stop_gives_the_same_mask_and_history(tmp_path, optimizer):
     w, x = problem(6)
-    kw = dict(lam=0.05, steps=40, optimizer=optimizer, chunk_steps=5, progress=False,
-              step_size=None if optimizer == "gd" else 0.05)
+    kw = dict(
+        lam=0.05,
+        steps=40,
+        optimizer=optimizer,
+        chunk_steps=5,
+        progress=False,
+        step_size=None if optimizer == "gd" else 0.05,
+    )
     full = solve_mask(w, x, **kw)
     ckpt = tmp_path / "ckpt"
     partial_run = solve_mask(w, x, checkpoint_dir=ckpt, checkpoint_every=10, stop_after=25, **kw)
@@ -112,17 +144,39 @@ def test_resume_after_a_stop_gives_the_same_mask_and_history(tmp_path, optimizer
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     w, x = problem(7)
-    solve_mask(w, x, lam=0.05, steps=20, chunk_steps=5, checkpoint_dir=tmp_path, checkpoint_every=5,
-               progress=False)
+    solve_mask(
+        w,
+        x,
+        lam=0.05,
+        steps=20,
+        chunk_steps=5,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=5,
+        progress=False,
+    )
     with pytest.raises(CheckpointError, match="other settings"):
-        solve_mask(w, x, lam=0.05, steps=30, chunk_steps=5, checkpoint_dir=tmp_path,
-                   checkpoint_every=5, progress=False)
+        solve_mask(
+            w,
+            x,
+            lam=0.05,
+            steps=30,
+            chunk_steps=5,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=5,
+            progress=False,
+        )
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     w, x = problem(8)
-    kw = dict(lam=0.05, steps=20, chunk_steps=5, checkpoint_dir=tmp_path, checkpoint_every=10,
-              progress=False)
+    kw = dict(
+        lam=0.05,
+        steps=20,
+        chunk_steps=5,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=10,
+        progress=False,
+    )
     solve_mask(w, x, **kw)
     for f in (tmp_path / "20").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):

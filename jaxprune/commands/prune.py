@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 
-from jaxprune.config import ConfigError, from_dict, load_yaml
+from jaxprune.config import ConfigError, from_dict, load_yaml, yaml_value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,16 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", help="YAML file of PruneConfig keys (flags override it)")
     for f in dataclasses.fields(PruneConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            metavar="VALUE", help=f"default: {f.default!r}")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar="VALUE",
+            help=f"default: {f.default!r}",
+        )
     parser.add_argument("--json", action="store_true", help="print one JSON object of metrics")
-    parser.add_argument("--export-hf", metavar="DIR",
-                        help="also write the pruned model as a Hugging Face folder")
+    parser.add_argument(
+        "--export-hf", metavar="DIR", help="also write the pruned model as a Hugging Face folder"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    import yaml
-
     from jaxprune.job import run_job, summary
     from jaxprune.pipeline import PruneConfig
 
@@ -37,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(PruneConfig):
             value = getattr(args, f.name)
             if value is not None:
-                raw[f.name] = yaml.safe_load(value) if f.name not in ("model", "out", "data_dir") else value
+                raw[f.name] = value if f.name in ("model", "out", "data_dir") else yaml_value(value)
         cfg = from_dict(PruneConfig, raw, source="jaxprune prune")
     except ConfigError as err:
         print(f"jaxprune prune: error: {err}", file=sys.stderr)

@@ -18,8 +18,14 @@ EXPERIMENTS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config under experiments/configs/")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config key (YAML value); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (YAML value); repeatable",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -29,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
         name = raw.pop("experiment", None)
         if name not in EXPERIMENTS:
             raise ConfigError(
-                f"{args.config}: 'experiment: {name}' is not known; use one of {sorted(EXPERIMENTS)}."
+                f"{args.config}: 'experiment: {name}' is not known; "
+                f"use one of {sorted(EXPERIMENTS)}."
             )
         module_name, cls_name, run_name, summary_name = EXPERIMENTS[name]
         module = importlib.import_module(module_name)
