@@ -100,7 +100,7 @@ class PruneConfig:
     layers: tuple[int, ...] | None = None
     # Held-out sequences (C4 evaluation documents) for the per-layer attention error.
     heldout_samples: int = field(default=2, metadata={"range": (0, 256)})
-    # Evaluation sets: wikitext2, c4 (the standard protocol) and/or c4-paper.
+    # Evaluation sets: wikitext2, c4 (the standard protocol) and/or c4-paper; [] skips evaluation.
     eval_data: tuple[str, ...] = ("wikitext2", "c4")
     # Evaluation windows per set (None: all of WikiText-2 / the protocol's 32 for C4).
     eval_windows: int | None = field(default=32, metadata={"range": (1, 100000)})
@@ -169,7 +169,9 @@ def prune_model(
       ``{"masks": {layer: {name: bool array}}, "layers": [per-layer facts], "seconds": ...}``.
     """
     c = model.config
-    targets = TARGETS[cfg.targets] if cfg.method != "dense" else ()
+    if cfg.method == "dense":
+        return {"masks": {}, "layers": [], "seconds": 0.0, **_peak_memory_bytes()}
+    targets = TARGETS[cfg.targets]
     shape_kw = dict(n_heads=c.num_heads, n_kv_heads=c.num_kv_heads, rope_theta=c.rope_theta)
     start = time.perf_counter()
     hs = layerwise.embed_chunks(model, calib_chunks)
