@@ -27,7 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.rope import apply_rope, rope_cos_sin
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin
 
 # Names of the projections that pruning may touch, in the order a layer applies them.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -57,6 +57,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     # Whether the output head reuses the transposed token embedding.
     tie_embeddings: bool = False
+    # Llama 3 RoPE frequency scaling, or None for plain RoPE.
+    rope_scaling: Llama3RopeScaling | None = None
 
     def __post_init__(self):
         for name in (
@@ -78,6 +80,11 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
+            raise ValueError(
+                "LlamaConfig.rope_scaling must be a jaxprune.rope.Llama3RopeScaling or None, got "
+                f"{self.rope_scaling!r}; use LlamaConfig.from_hf_config to read a config.json dict."
+            )
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> LlamaConfig:
@@ -89,7 +96,7 @@ class LlamaConfig:
         Returns:
           The matching config. Raises ``ValueError`` naming the key when a required key is
           missing or when the file asks for a feature this model does not implement (biases,
-          RoPE scaling other than none, an activation other than SiLU).
+          RoPE scaling other than none or ``llama3``, an activation other than SiLU).
         """
         required = (
             "vocab_size",
@@ -107,15 +114,24 @@ class LlamaConfig:
             raise ValueError(
                 f"config.json hidden_act={hf['hidden_act']!r}; only silu is supported."
             )
-        # transformers 4 writes rope_scaling, transformers 5 rope_parameters; check both, since a
+        # transformers 4 writes rope_scaling, transformers 5 rope_parameters; read both, since a
         # scaled RoPE (e.g. Llama 3's "llama3" type) changes the low frequencies at every length.
+        rope_scaling = None
         for key in ("rope_scaling", "rope_parameters"):
             scaling = hf.get(key) or {}
             kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind != "default":
+            if kind == "llama3":
+                found = Llama3RopeScaling.from_hf(scaling, hf.get("max_position_embeddings"))
+                if rope_scaling is not None and found != rope_scaling:
+                    raise ValueError(
+                        f"config.json rope_scaling and rope_parameters disagree: {rope_scaling} "
+                        f"vs {found}; keep one of them."
+                    )
+                rope_scaling = found
+            elif kind != "default":
                 raise ValueError(
                     f"config.json {key} has rope_type {kind!r}, which is not supported; only "
-                    "plain RoPE (rope_type 'default') is implemented."
+                    "plain RoPE (rope_type 'default') and 'llama3' are implemented."
                 )
         heads = hf["num_attention_heads"]
         # transformers 5 moved rope_theta into rope_parameters; read either place.
@@ -131,10 +147,24 @@ class LlamaConfig:
             rope_theta=float(theta),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_scaling=rope_scaling,
         )
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The Hugging Face ``LlamaForCausalLM`` ``config.json`` dict of this config."""
+        """The Hugging Face ``LlamaForCausalLM`` ``config.json`` dict of this config.
+
+        Returns:
+          The dict in the transformers 4 layout (``rope_theta`` and ``rope_scaling`` at the top
+          level), which transformers 5 also reads.
+        """
+        scaling = self.rope_scaling
+        # transformers warns unless the scaled context exceeds the original one; Llama 3 models
+        # ship max_position_embeddings = factor * original, so write that.
+        max_positions = (
+            8192
+            if scaling is None
+            else int(scaling.factor * scaling.original_max_position_embeddings)
+        )
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -148,11 +178,11 @@ class LlamaConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None,
+            "rope_scaling": None if scaling is None else scaling.to_hf(),
             "attention_bias": False,
             "mlp_bias": False,
             "tie_word_embeddings": self.tie_embeddings,
-            "max_position_embeddings": 8192,
+            "max_position_embeddings": max_positions,
             "torch_dtype": "float32",
         }
 
@@ -311,7 +341,9 @@ class Llama(nnx.Module):
     def rope(self, t: int) -> tuple[Float[Array, "t dh"], Float[Array, "t dh"]]:
         """RoPE ``(cos, sin)`` tables ``(t, dh)`` for positions ``0..t-1``."""
         c = self.config
-        return rope_cos_sin(jnp.arange(t), c.head_dim, c.rope_theta, dtype=jnp.float32)
+        return rope_cos_sin(
+            jnp.arange(t), c.head_dim, c.rope_theta, dtype=jnp.float32, scaling=c.rope_scaling
+        )
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """Final norm and output head: logits ``(b, t, vocab)``."""

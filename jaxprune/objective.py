@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.rope import apply_rope, rope_cos_sin
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin
 
 
 def _batched(x: jax.Array) -> jax.Array:
@@ -148,6 +148,7 @@ def qk_layer_probs(
     rope_theta: float | None,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
+    rope_scaling: Llama3RopeScaling | None = None,
 ) -> Float[Array, "h b r n"]:
     """Attention probabilities of every query head of one layer (``vmap`` over heads).
 
@@ -158,6 +159,8 @@ def qk_layer_probs(
       rope_theta: RoPE base, or ``None`` for no rotary embedding.
       causal: apply the causal mask.
       query_idx: optional subset of query rows.
+      rope_scaling: the model's Llama 3 RoPE frequency scaling (``LlamaConfig.rope_scaling``), or
+        ``None`` for plain RoPE; ignored when ``rope_theta`` is ``None``.
 
     Returns:
       ``(h, b, r, n)`` probabilities.
@@ -171,7 +174,9 @@ def qk_layer_probs(
     keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
     rope = None
     if rope_theta is not None:
-        rope = rope_cos_sin(jnp.arange(x.shape[1]), head_dim, rope_theta, dtype=x.dtype)
+        rope = rope_cos_sin(
+            jnp.arange(x.shape[1]), head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling
+        )
         keys = apply_rope(keys, *rope)
     keys = keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
     head_fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=query_idx)
@@ -192,6 +197,7 @@ def qk_pruning_loss(
     attn_scale: float | jax.Array = 1.0,
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
+    rope_scaling: Llama3RopeScaling | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """Factored loss of one layer: ``sum_h 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``.
 
@@ -200,7 +206,8 @@ def qk_pruning_loss(
       weights: the dense projections, same keys and shapes (input-major: ``x @ w``).
       x: attention input of the layer ``(n, d)`` or ``(b, n, d)``; the term is the batch mean.
       lam: regulariser weight.
-      n_heads, n_kv_heads, rope_theta, causal, query_idx: as in :func:`qk_layer_probs`.
+      n_heads, n_kv_heads, rope_theta, causal, query_idx, rope_scaling: as in
+        :func:`qk_layer_probs`.
       target: the dense probabilities (computed from ``weights`` when ``None``); pass them in to
         avoid recomputing them every step.
       attn_scale: divides the attention term (e.g. its dense scale, so one ``lam`` fits all layers).
@@ -215,6 +222,7 @@ def qk_pruning_loss(
         rope_theta=rope_theta,
         causal=causal,
         query_idx=query_idx,
+        rope_scaling=rope_scaling,
     )
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)

@@ -172,7 +172,12 @@ def prune_model(
     if cfg.method == "dense":
         return {"masks": {}, "layers": [], "seconds": 0.0, **_peak_memory_bytes()}
     targets = TARGETS[cfg.targets]
-    shape_kw = dict(n_heads=c.num_heads, n_kv_heads=c.num_kv_heads, rope_theta=c.rope_theta)
+    shape_kw = dict(
+        n_heads=c.num_heads,
+        n_kv_heads=c.num_kv_heads,
+        rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling,
+    )
     start = time.perf_counter()
     hs = layerwise.embed_chunks(model, calib_chunks)
     longest = max(h.shape[1] for h in hs)

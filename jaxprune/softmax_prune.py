@@ -32,19 +32,33 @@ from jaxprune.objective import qk_layer_probs, qk_pruning_loss
 from jaxprune.solvers import solve_masks
 
 
-@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "query_idx"))
-def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx):
+@partial(
+    jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "query_idx", "rope_scaling")
+)
+def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scaling=None):
     idx = None if query_idx is None else jnp.asarray(query_idx)
     probs = qk_layer_probs(
-        wq, wk, x, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, query_idx=idx
+        wq,
+        wk,
+        x,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        rope_theta=rope_theta,
+        query_idx=idx,
+        rope_scaling=rope_scaling,
     )
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
-@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta"))
-def attention_error(wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_theta):
-    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences."""
-    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta)
+@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
+def attention_error(
+    wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None
+):
+    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences (``rope_scaling``: the
+    model's Llama 3 RoPE scaling or ``None``, as in :func:`jaxprune.objective.qk_layer_probs`)."""
+    kw = dict(
+        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
+    )
     dense = qk_layer_probs(wq, wk, x, **kw)
     new = qk_layer_probs(wq_new, wk_new, x, **kw)
     num = jnp.sqrt(jnp.sum((new - dense) ** 2, axis=(-2, -1)))
@@ -66,7 +80,17 @@ def _wanda_ranks(w, stats: InputStats):
 
 
 def prune_qk_softmax(
-    weights, x, stats, cfg, *, n_heads, n_kv_heads, rope_theta, progress=True, desc="softmax"
+    weights,
+    x,
+    stats,
+    cfg,
+    *,
+    n_heads,
+    n_kv_heads,
+    rope_theta,
+    rope_scaling=None,
+    progress=True,
+    desc="softmax",
 ):
     """Optimises and rounds the q/k masks of one layer.
 
@@ -76,6 +100,7 @@ def prune_qk_softmax(
       stats: ``InputStats`` of the layer's attention input (Wanda init and SparseGPT update).
       cfg: a ``PruneConfig``.
       n_heads, n_kv_heads, rope_theta: the layer's attention shape.
+      rope_scaling: the model's Llama 3 RoPE scaling (``LlamaConfig.rope_scaling``) or ``None``.
       progress: show the solver's progress bar.
       desc: progress-bar label.
 
@@ -89,7 +114,9 @@ def prune_qk_softmax(
     if cfg.query_rows and cfg.query_rows < n:
         rng = np.random.default_rng(cfg.seed)
         query_idx = tuple(int(i) for i in np.sort(rng.choice(n, cfg.query_rows, replace=False)))
-    shape_kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta)
+    shape_kw = dict(
+        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
+    )
     target, dense_scale = _target(weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw)
     scale = dense_scale if cfg.normalize else jnp.ones(())
     idx = None if query_idx is None else jnp.asarray(query_idx)

@@ -245,6 +245,15 @@ def test_every_mismatch_is_reported_at_once(tmp_path):
     assert str(tmp_path / "m.gguf") in msg
 
 
+def test_llama3_rope_freqs_is_one_clear_error(tmp_path):
+    # llama.cpp stores Llama 3's scaled RoPE as per-frequency divisors, which the loader cannot use.
+    cfg = _cfg(tied=True)
+    freqs = {"rope_freqs.weight": np.ones(TINY["head_dim"] // 2, np.float32)}
+    write_tiny_gguf(tmp_path / "m.gguf", _hf_tensors(cfg, True), cfg, extra=freqs)
+    with pytest.raises(GGUFError, match=r"rope_freqs\.weight, per-frequency RoPE scaling"):
+        read_gguf(tmp_path / "m.gguf")
+
+
 def test_truncated_file_is_one_clear_error(tmp_path):
     cfg = _cfg(tied=True)
     write_tiny_gguf(tmp_path / "m.gguf", _hf_tensors(cfg, True), cfg, qtype=Q.Q4_1)

@@ -125,8 +125,8 @@ def test_config_rejects_scaled_rope():
         num_kv_heads=1,
         head_dim=4,
     ).to_hf_config()
-    hf["rope_parameters"] = {"rope_type": "llama3", "factor": 32.0, "rope_theta": 5e5}
-    with pytest.raises(ValueError, match="rope_type 'llama3', which is not supported"):
+    hf["rope_parameters"] = {"rope_type": "yarn", "factor": 32.0, "rope_theta": 5e5}
+    with pytest.raises(ValueError, match="rope_type 'yarn', which is not supported"):
         LlamaConfig.from_hf_config(hf)
 
 

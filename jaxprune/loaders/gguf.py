@@ -332,8 +332,9 @@ _NAME_TABLE: list[tuple[str, str, _Shape, str | None]] = [
 _COMPILED = [(re.compile(p), hf, shape, perm) for p, hf, shape, perm in _NAME_TABLE]
 # Per-layer tensors every block must have (the rows of the table with a layer index).
 _PER_LAYER = [hf for p, hf, _, _ in _NAME_TABLE if "{}" in hf]
-# Tensors some converters write that carry nothing the model needs (RoPE is recomputed).
-_IGNORED = re.compile(r"rope_freqs\.weight|blk\.\d+\.rope_freqs\.weight")
+# Per-frequency RoPE divisors: llama.cpp's converter writes them for Llama 3's scaled RoPE
+# (rope_type "llama3"), which this loader does not read; _config_fields rejects such files.
+_ROPE_FREQS = re.compile(r"rope_freqs\.weight|blk\.\d+\.rope_freqs\.weight")
 
 
 def _rule(name: str) -> tuple[str | None, str, _Shape, str | None] | None:
@@ -408,6 +409,13 @@ def _config_fields(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
             "supported."
         )
     names = {t.name: t for t in reader.tensors}
+    freqs = [n for n in names if _ROPE_FREQS.fullmatch(n)]
+    if freqs:
+        raise GGUFError(
+            f"{path} holds {freqs[0]}, per-frequency RoPE scaling (Llama 3 style), which the GGUF "
+            "loader does not read; load the Hugging Face checkpoint instead, whose config.json "
+            "rope_scaling jaxprune supports."
+        )
     # Older converters omit llama.vocab_size; the tokenizer's list, else the embedding, has it.
     vocab = get("llama.vocab_size", 0)
     if not vocab and "tokenizer.ggml.tokens" in reader.fields:
@@ -441,8 +449,6 @@ def _hf_tensors(
     out: dict[str, np.ndarray] = {}
     seen: set[str] = set()  # names found in the file, loadable or not
     for t in reader.tensors:
-        if _IGNORED.fullmatch(t.name):
-            continue
         rule = _rule(t.name)
         if rule is None:
             problems.append(f"{t.name}: unknown tensor name (not part of a Llama model)")
