@@ -29,9 +29,12 @@ from jaxprune.perplexity import perplexity
 VOCAB = 97
 
 
-def hf_model(num_kv_heads: int = 2, tied: bool = False, seed: int = 0):
-    """A tiny random Hugging Face Llama (eager attention, so it can return probabilities)."""
-    config = transformers.LlamaConfig(
+def hf_model(num_kv_heads: int = 2, tied: bool = False, seed: int = 0, **overrides):
+    """A tiny random Hugging Face Llama (eager attention, so it can return probabilities).
+
+    ``overrides`` replace or add ``transformers.LlamaConfig`` fields (e.g. RoPE scaling).
+    """
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -44,6 +47,7 @@ def hf_model(num_kv_heads: int = 2, tied: bool = False, seed: int = 0):
         tie_word_embeddings=tied,
         attn_implementation="eager",
     )
+    config = transformers.LlamaConfig(**(fields | overrides))
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
     # Random init leaves the norm weights at one; perturb them so a wrong mapping shows.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_model import VOCAB, hf_logits, state_numpy, tokens
+from test_model import hf_logits, hf_model, state_numpy, tokens
 
 from jaxprune.loaders.params import model_from_tensors
 from jaxprune.model import LlamaConfig, make_forward, projection_kernels
@@ -37,26 +37,14 @@ def hf_rope_parameters(scaling: Llama3RopeScaling = SCALING) -> dict:
 
 def hf_scaled_model(num_kv_heads: int = 2, seed: int = 0):
     """A tiny random Hugging Face Llama with llama3 RoPE scaling (eager attention)."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=num_kv_heads,
+    return hf_model(
+        num_kv_heads,
+        seed=seed,
         head_dim=HEAD_DIM,
+        rope_theta=None,
         rope_parameters=hf_rope_parameters(),
         max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        attn_implementation="eager",
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
-    return model
 
 
 def test_inv_freq_regimes_by_hand():
