@@ -36,6 +36,9 @@ class TableConfig:
             raise ValueError("every row needs a non-empty 'name'.")
         if len(set(names)) != len(names):
             raise ValueError(f"row names must be unique, got {names}.")
+        unknown = [n for n in self.attention_rows if n not in names]
+        if unknown:
+            raise ValueError(f"attention_rows {unknown} name no row; rows are {names}.")
         for cfg in self.row_configs().values():
             del cfg  # building them validates every row
 
@@ -48,7 +51,8 @@ class TableConfig:
             try:
                 out[row["name"]] = from_dict(PruneConfig, raw, source=f"row {row['name']!r}")
             except ConfigError as err:
-                raise ValueError(str(err)) from err
+                message = str(err).removeprefix(f"row {row['name']!r}: ")
+                raise ValueError(f"row {row['name']!r}: {message}") from err
         return out
 
 

@@ -190,3 +190,14 @@ def test_paper_protocol_chunks_keep_each_sequence_whole():
     chunks = calibration_chunks(seqs, 4)
     assert [c.shape for c in chunks] == [(1, 5), (1, 9)]
     assert jax.tree.leaves(chunks)
+
+
+def test_table_config_errors_name_the_row():
+    from jaxprune.table import TableConfig
+
+    with pytest.raises(ConfigError, match="row 'x'.*method='obs'"):
+        from_dict(TableConfig, {"rows": [{"name": "x", "method": "obs"}]})
+    with pytest.raises(ConfigError, match="attention_rows \\['y'\\] name no row"):
+        from_dict(TableConfig, {"rows": [{"name": "x"}], "attention_rows": ["y"]})
+    with pytest.raises(ConfigError, match="unique"):
+        from_dict(TableConfig, {"rows": [{"name": "x"}, {"name": "x"}]})
