@@ -195,7 +195,7 @@ def test_paper_protocol_chunks_keep_each_sequence_whole():
 def test_table_config_errors_name_the_row():
     from jaxprune.table import TableConfig
 
-    with pytest.raises(ConfigError, match="row 'x'.*method='obs'"):
+    with pytest.raises(ConfigError, match=r"row 'x'.*method='obs'"):
         from_dict(TableConfig, {"rows": [{"name": "x", "method": "obs"}]})
     with pytest.raises(ConfigError, match="attention_rows \\['y'\\] name no row"):
         from_dict(TableConfig, {"rows": [{"name": "x"}], "attention_rows": ["y"]})
