@@ -141,11 +141,6 @@ def calibration_chunks(tokens, micro_batch: int) -> list[np.ndarray]:
     return [np.asarray(t)[None] for t in tokens]
 
 
-def _needed_inputs(targets, method):
-    names = {layerwise.INPUT_OF[t] for t in targets}
-    return tuple(sorted(names))
-
-
 def _peak_memory_bytes() -> dict[str, int]:
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     stats = jax.devices()[0].memory_stats() or {}
@@ -204,7 +199,7 @@ def prune_model(
         dense_qk = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k")}
         info: dict[str, Any] = {"layer": li}
         if targets and (cfg.layers is None or li in cfg.layers):
-            names = _needed_inputs(targets, cfg.method)
+            names = tuple(sorted({layerwise.INPUT_OF[t] for t in targets}))
             stats = {n: None for n in names}
             soft_x, soft_count = [], 0
             for h in hs:
