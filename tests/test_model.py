@@ -88,15 +88,25 @@ def test_logits_match_transformers(num_kv_heads, tied):
     )
 
 
-def test_config_round_trip():
-    config = LlamaConfig(
+def small_config(**overrides) -> LlamaConfig:
+    """A tiny ``LlamaConfig`` for config-only tests; ``overrides`` replace its fields."""
+    fields = dict(
         vocab_size=10,
         hidden_size=8,
         intermediate_size=12,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+    )
+    return LlamaConfig(**(fields | overrides))
+
+
+def test_config_round_trip():
+    config = small_config(
         num_layers=3,
         num_heads=4,
         num_kv_heads=2,
-        head_dim=4,
         rope_theta=1e5,
         rms_norm_eps=1e-6,
         tie_embeddings=True,
@@ -108,27 +118,11 @@ def test_config_round_trip():
 
 def test_config_rejects_bad_grouping():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        LlamaConfig(
-            vocab_size=10,
-            hidden_size=8,
-            intermediate_size=12,
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=3,
-            head_dim=4,
-        )
+        small_config(num_heads=4, num_kv_heads=3)
 
 
 def test_config_rejects_scaled_rope():
-    hf = LlamaConfig(
-        vocab_size=10,
-        hidden_size=8,
-        intermediate_size=12,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=4,
-    ).to_hf_config()
+    hf = small_config().to_hf_config()
     hf["rope_parameters"] = {"rope_type": "yarn", "factor": 32.0, "rope_theta": 5e5}
     with pytest.raises(ValueError, match="rope_type 'yarn', which is not supported"):
         LlamaConfig.from_hf_config(hf)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_model import hf_logits, hf_model, state_numpy, tokens
+from test_model import hf_logits, hf_model, small_config, state_numpy, tokens
 
 from jaxprune.loaders.params import model_from_tensors
 from jaxprune.model import LlamaConfig, make_forward, projection_kernels
@@ -94,17 +94,7 @@ def test_scaled_logits_match_transformers(num_kv_heads):
 
 
 def test_config_round_trips_the_scaling():
-    config = LlamaConfig(
-        vocab_size=10,
-        hidden_size=8,
-        intermediate_size=12,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=4,
-        rope_theta=5e5,
-        rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192),
-    )
+    config = small_config(rope_theta=5e5, rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192))
     hf = config.to_hf_config()
     assert hf["rope_scaling"] == {
         "rope_type": "llama3",
@@ -125,15 +115,7 @@ def test_config_round_trips_the_scaling():
 
 
 def test_config_rejects_incomplete_or_bad_scaling():
-    hf = LlamaConfig(
-        vocab_size=10,
-        hidden_size=8,
-        intermediate_size=12,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=4,
-    ).to_hf_config()
+    hf = small_config().to_hf_config()
     hf["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0}
     with pytest.raises(ValueError, match="lacks the keys"):
         LlamaConfig.from_hf_config(hf)
