@@ -12,10 +12,13 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Float
 
 PATTERNS = ("unstructured", "row")
 SCORES = ("mask", "mask_times_weight")
+# Comparison groups of unstructured pruning: one threshold per matrix, or per output (Wanda's).
+GROUPS = ("matrix", "output")
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -46,9 +49,20 @@ def mask_scores(mask: jax.Array, weight: jax.Array | None = None, score: str = "
     return jnp.abs(mask * weight)
 
 
-def _keep_lowest_pruned(scores: jax.Array, n_prune: int, axis: int) -> jax.Array:
-    # Rank along `axis` with a stable sort; the n_prune lowest are pruned.
-    order = jnp.argsort(scores, axis=axis, stable=True)
+def _keep_lowest_pruned(
+    scores: jax.Array, n_prune: int, axis: int, tiebreak: jax.Array | None = None
+) -> jax.Array:
+    # Rank along `axis` by (scores, tiebreak) with a stable sort; the n_prune lowest are pruned.
+    if tiebreak is None:
+        order = jnp.argsort(scores, axis=axis, stable=True)
+    else:
+        # Two sort keys, not scores + eps * tiebreak: in float32 a small eps vanishes next to a
+        # score of 1 (1 + 1e-6 * 0.03 == 1), and the ties would fall back to index order.
+        # The index is the third key, so equal pairs keep their flat order.
+        iota = lax.broadcasted_iota(jnp.int32, scores.shape, axis)
+        order = lax.sort((scores, tiebreak.astype(scores.dtype), iota), dimension=axis, num_keys=3)[
+            -1
+        ]
     ranks = jnp.argsort(order, axis=axis, stable=True)
     return ranks >= n_prune
 
@@ -57,6 +71,9 @@ def binarize(
     scores: Float[Array, "d_in d_out"],
     sparsity: float | None = None,
     pattern: str = "unstructured",
+    *,
+    group: str = "matrix",
+    tiebreak: Float[Array, "d_in d_out"] | None = None,
 ) -> Bool[Array, "d_in d_out"]:
     """Boolean keep-mask with exactly the requested number of zeros.
 
@@ -65,15 +82,25 @@ def binarize(
       sparsity: fraction pruned, in ``[0, 1)``; for ``unstructured`` ``round(sparsity * size)``
         zeros, for ``row`` ``round(sparsity * d_in)`` zeros in every output column. For ``"N:M"``
         it may be omitted; if given it must equal ``1 - N/M``.
-      pattern: ``"unstructured"`` (one threshold per matrix), ``"row"`` (per output row, Wanda's
-        group) or ``"N:M"`` (at most N kept in every M consecutive inputs of an output).
+      pattern: ``"unstructured"``, ``"row"`` (``"unstructured"`` with ``group="output"``) or
+        ``"N:M"`` (at most N kept in every M consecutive inputs of an output).
+      group: for unstructured patterns, ``"matrix"`` (one threshold per matrix) or ``"output"``
+        (``round(sparsity * d_in)`` pruned in every output column, Wanda's comparison group).
+        N:M groups are always within one output.
+      tiebreak: optional second sort key (same shape): entries with equal scores are ordered by
+        it, and only entries equal in both fall back to the flat index order.
 
     Returns:
       A boolean array shaped like ``scores``, ``True`` = keep.
 
     Raises:
-      ValueError: impossible request (sparsity out of range, N > M, d_in not divisible by M).
+      ValueError: impossible request (sparsity out of range, N > M, d_in not divisible by M), or
+        an unknown group.
     """
+    if group not in GROUPS:
+        raise ValueError(f"group={group!r} is not one of {GROUPS}.")
+    if tiebreak is not None and tiebreak.shape != scores.shape:
+        raise ValueError(f"tiebreak has shape {tiebreak.shape}, scores {scores.shape}.")
     if scores.ndim != 2:
         raise ValueError(f"binarize takes one (d_in, d_out) matrix, got shape {scores.shape}.")
     nm = parse_nm(pattern)
@@ -85,12 +112,16 @@ def binarize(
         if d_in % m:
             raise ValueError(f"pattern {pattern}: input dimension {d_in} is not divisible by {m}.")
         groups = scores.reshape(d_in // m, m, d_out)
-        return _keep_lowest_pruned(groups, m - n, axis=1).reshape(d_in, d_out)
+        tb = None if tiebreak is None else tiebreak.reshape(d_in // m, m, d_out)
+        return _keep_lowest_pruned(groups, m - n, axis=1, tiebreak=tb).reshape(d_in, d_out)
     if sparsity is None or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} is impossible: give a fraction in [0, 1).")
-    if pattern == "row":
-        return _keep_lowest_pruned(scores, round(sparsity * d_in), axis=0)
-    flat = _keep_lowest_pruned(scores.reshape(-1), round(sparsity * scores.size), axis=0)
+    if pattern == "row" or group == "output":
+        return _keep_lowest_pruned(scores, round(sparsity * d_in), axis=0, tiebreak=tiebreak)
+    tb = None if tiebreak is None else tiebreak.reshape(-1)
+    flat = _keep_lowest_pruned(
+        scores.reshape(-1), round(sparsity * scores.size), axis=0, tiebreak=tb
+    )
     return flat.reshape(d_in, d_out)
 
 

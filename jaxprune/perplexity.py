@@ -29,7 +29,8 @@ BUCKET = 256
 
 
 def _batches(sequences: list[np.ndarray], batch_size: int):
-    """Yields ``(tokens (batch_size, L), lengths (batch_size,), n_real)`` grouped by bucket."""
+    """Yields ``(tokens (batch_size, L), lengths (batch_size,), indices)`` grouped by bucket;
+    ``indices`` are the real rows' positions in ``sequences``."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     groups: dict[int, list[int]] = {}
     for i in order:
@@ -42,7 +43,7 @@ def _batches(sequences: list[np.ndarray], batch_size: int):
             for row, i in enumerate(chunk):
                 tokens[row, : len(sequences[i])] = sequences[i]
                 lengths[row] = len(sequences[i])
-            yield tokens, lengths, len(chunk)
+            yield tokens, lengths, chunk
 
 
 def _window_batches(windows: np.ndarray, batch_size: int):
@@ -54,7 +55,7 @@ def _window_batches(windows: np.ndarray, batch_size: int):
         tokens[: len(chunk)] = chunk
         lengths = np.zeros((batch_size,), np.int64)
         lengths[: len(chunk)] = t
-        yield tokens, lengths, len(chunk)
+        yield tokens, lengths, list(range(start, start + len(chunk)))
 
 
 def perplexity(
@@ -74,7 +75,9 @@ def perplexity(
 
     Returns:
       ``{"perplexity": exp(nll), "nll": mean next-token NLL (nats), "windows": N,
-      "tokens": number of predicted tokens, "seconds": wall time including compilation}``.
+      "tokens": number of predicted tokens, "window_nll": summed NLL of each window (in input
+      order), "window_tokens": predicted tokens of each window, "seconds": wall time including
+      compilation}``. The per-window sums are what paired comparisons of two runs resample.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -96,14 +99,19 @@ def perplexity(
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
+    window_nll = np.zeros(n_seqs, np.float64)
+    window_tokens = np.zeros(n_seqs, np.int64)
     bar = tqdm(total=n_seqs, unit="window", desc="perplexity", disable=not progress)
-    for tokens, lengths, n_real in batches:
+    for tokens, lengths, indices in batches:
         nll = np.asarray(token_nll(graphdef, state, jnp.asarray(tokens)), np.float64)
         # nll[:, i] predicts token i + 1; sequence r has lengths[r] - 1 predictions.
         valid = np.arange(nll.shape[1])[None, :] < (lengths[:, None] - 1)
-        total_nll += float(np.sum(nll, where=valid))
+        per_row = np.sum(nll, axis=1, where=valid)
+        window_nll[indices] = per_row[: len(indices)]
+        window_tokens[indices] = valid.sum(axis=1)[: len(indices)]
+        total_nll += float(per_row.sum())
         total_tokens += int(valid.sum())
-        bar.update(n_real)
+        bar.update(len(indices))
         if total_tokens:
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
     bar.close()
@@ -115,5 +123,7 @@ def perplexity(
         "nll": mean_nll,
         "windows": n_seqs,
         "tokens": total_tokens,
+        "window_nll": window_nll.tolist(),
+        "window_tokens": window_tokens.tolist(),
         "seconds": time.perf_counter() - start,
     }

@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxprune import layerwise
+from jaxprune.baselines import GROUPS as BASELINE_GROUPS
 from jaxprune.baselines import METHODS as BASELINES
 from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.masks import parse_nm
@@ -28,6 +29,8 @@ from jaxprune.model import Llama, projection_kernels
 from jaxprune.softmax_prune import attention_error, prune_qk_softmax
 
 METHODS = ("dense", *BASELINES, "softmax")
+# Comparison groups per method; the first is the default (the authors' own for the baselines).
+METHOD_GROUPS = {**BASELINE_GROUPS, "softmax": ("output", "matrix"), "dense": ()}
 TARGETS = {
     "qk": ("q", "k"),
     "attn": ("q", "k", "v", "o"),
@@ -47,8 +50,11 @@ class PruneConfig:
     targets: str = field(default="qk", metadata={"choices": tuple(TARGETS)})
     # Fraction pruned in every pruned matrix (ignored for N:M patterns).
     sparsity: float = field(default=0.5, metadata={"range": (0.0, 0.99)})
-    # unstructured, row (per output), or N:M such as 2:4.
+    # unstructured, or N:M such as 2:4 (at most N kept in every M consecutive inputs).
     pattern: str = "unstructured"
+    # Unstructured comparison group (None: the method's authors' own): output (Wanda's, and the
+    # softmax-aware rounding, warm start and tie-break), block (SparseGPT's) or matrix (magnitude).
+    group: str | None = field(default=None, metadata={"choices": ("output", "block", "matrix")})
     # Calibration data: standard (C4 windows) or paper (C4 documents 0-7, own sequences).
     protocol: str = field(default="standard", metadata={"choices": ("standard", "paper")})
     # Calibration sequences (None: 32 standard, 8 paper).
@@ -63,9 +69,9 @@ class PruneConfig:
     blocksize: int = field(default=128, metadata={"range": (1, 65536)})
     percdamp: float = field(default=0.01, metadata={"range": (0.0, 10.0)})
     # Softmax-aware: calibration sequences used in the attention term (the first ones).
-    softmax_samples: int = field(default=8, metadata={"range": (1, 4096)})
+    softmax_samples: int = field(default=4, metadata={"range": (1, 4096)})
     # Softmax-aware: tokens of each of those sequences (a causal prefix).
-    softmax_seq_len: int = field(default=512, metadata={"range": (2, 32768)})
+    softmax_seq_len: int = field(default=256, metadata={"range": (2, 32768)})
     # Softmax-aware: random query rows per sequence in the attention term (None: all).
     query_rows: int | None = field(default=None, metadata={"range": (1, 32768)})
     # Softmax-aware: lambda (with normalize, relative to the dense attention scale).
@@ -78,8 +84,9 @@ class PruneConfig:
     )
     # Softmax-aware: steps of each short solve in the search.
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
-    # Softmax-aware: start point, ones (the paper) or wanda (Wanda scores scaled to [0, 1]).
-    init: str = field(default="ones", metadata={"choices": ("ones", "wanda")})
+    # Softmax-aware: start point, wanda (Wanda's ordering as ranks in [0, 1], the best measured)
+    # or ones (the paper's M = 1).
+    init: str = field(default="wanda", metadata={"choices": ("ones", "wanda")})
     # Softmax-aware: optimiser (gd with lr <= 0 derives the step size).
     optimizer: str = field(default="adam", metadata={"choices": ("gd", "sgd", "adam")})
     # Softmax-aware: learning rate / step size.
@@ -87,13 +94,13 @@ class PruneConfig:
     # Softmax-aware: learning-rate schedule.
     schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
     # Softmax-aware: solver steps per layer.
-    steps: int = field(default=150, metadata={"range": (1, 1_000_000)})
+    steps: int = field(default=80, metadata={"range": (1, 1_000_000)})
     # Softmax-aware: divide the attention term by its dense scale.
     normalize: bool = True
     # Softmax-aware: round by the mask (mask) or by |M * W| (mask_times_weight).
     score: str = field(default="mask", metadata={"choices": ("mask", "mask_times_weight")})
-    # Softmax-aware: weight of Wanda's score (in [0, 1]) added to break ties in the rounding.
-    tiebreak: float = field(default=1e-6, metadata={"range": (0.0, None)})
+    # Softmax-aware: break ties of the rounding by Wanda's score (a second sort key).
+    tiebreak: bool = True
     # Softmax-aware: after rounding, none or a SparseGPT update of the kept q/k weights.
     update: str = field(default="none", metadata={"choices": ("none", "sparsegpt")})
     # Prune only these layer indices (None: every layer), for ablations and quick looks.
@@ -120,12 +127,26 @@ class PruneConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.pattern == "row":
+            raise ValueError("pattern='row' is now pattern='unstructured' with group='output'.")
         nm = parse_nm(self.pattern)
         if nm is None and not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity={self.sparsity} is impossible: give a fraction in [0, 1).")
         for name in self.eval_data:
             if name not in ("wikitext2", "c4", "c4-paper"):
                 raise ValueError(f"eval_data entry {name!r}: use wikitext2, c4 or c4-paper.")
+        allowed = METHOD_GROUPS.get(self.method, ())
+        if self.group is not None and self.group not in allowed:
+            raise ValueError(
+                f"group={self.group!r} does not apply to method {self.method!r}: "
+                f"use one of {allowed} (or leave it unset for the authors' default)."
+            )
+
+    @property
+    def group_or_default(self) -> str | None:
+        """The comparison group the method uses (``None`` for dense)."""
+        groups = METHOD_GROUPS[self.method]
+        return self.group if self.group is not None else (groups[0] if groups else None)
 
     @property
     def sparsity_or_none(self) -> float | None:
@@ -244,6 +265,8 @@ def prune_model(
                 if method == "sparsegpt"
                 else {}
             )
+            # The other matrices of the softmax-aware method use their method's own group.
+            group = cfg.group if method == cfg.method else None
             for name in rest:
                 w = jnp.asarray(kernels[name][...])
                 new[name], keep = prune_matrix(
@@ -252,6 +275,7 @@ def prune_model(
                     stats[layerwise.INPUT_OF[name]],
                     sparsity=cfg.sparsity_or_none,
                     pattern=cfg.pattern,
+                    group=group,
                     **opts,
                 )
                 masks.setdefault(li, {})[name] = keep

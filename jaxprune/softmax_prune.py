@@ -5,15 +5,17 @@ Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
   * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
     lambda fits every layer (``normalize``);
   * start from ``M = 1`` (the paper) or from Wanda's ordering as quantile ranks in ``[0, 1]``
-    (``init``);
+    (``init``), ranked within the same comparison group as the rounding (``group``: per output
+    by default, as Wanda compares);
   * with ``normalize`` the regulariser is the mean of ``M^2`` (``||M||^2`` over its entry count);
   * lambda fixed, or chosen per layer as the grid value whose short solve leaves the relaxed
     mask's mean closest to the kept fraction (``lam_search``): a larger lambda pushes more entries
     towards zero, and the rounding then removes about the entries the solve already let go;
   * masks are kept in ``[0, 1]`` by projection; Adam by default (the entries' gradient scales are
     very uneven, which makes a single plain-GD step size slow);
-  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``; ties (entries the
-    projection left at exactly 0 or 1) are broken by Wanda's score scaled by ``tiebreak``;
+  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``, per output (``group``
+    ``"output"``, Wanda's group) or per matrix; ties (entries the projection left at exactly 0
+    or 1) are ordered by Wanda's score as a second sort key (``tiebreak``), then by index;
   * optional SparseGPT weight update on the kept entries after rounding (``update``).
 """
 
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.baselines import InputStats, sparsegpt_reconstruct
+from jaxprune.baselines import InputStats, sparsegpt_reconstruct, wanda_scores
 from jaxprune.masks import binarize, mask_scores
 from jaxprune.objective import qk_layer_probs, qk_pruning_loss
 from jaxprune.solvers import solve_masks
@@ -65,18 +67,17 @@ def attention_error(
     return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
 
 
-def _wanda_scores(w, stats: InputStats):
-    """Wanda's score scaled to ``[0, 1]`` by its maximum (the rounding tie-break)."""
-    score = jnp.abs(w) * jnp.sqrt(stats.sq_norm)[:, None]
-    return score / jnp.max(score)
-
-
-def _wanda_ranks(w, stats: InputStats):
-    """Wanda's ordering as quantile ranks in ``[0, 1]`` (the warm start). Scaling the raw scores
-    by their maximum instead puts most entries near 0, i.e. starts from a nearly empty mask."""
-    score = (jnp.abs(w) * jnp.sqrt(stats.sq_norm)[:, None]).reshape(-1)
-    ranks = jnp.argsort(jnp.argsort(score, stable=True), stable=True)
-    return (ranks / (score.size - 1)).reshape(w.shape).astype(w.dtype)
+def wanda_ranks(w, stats: InputStats, group: str = "output"):
+    """Wanda's ordering as quantile ranks in ``[0, 1]`` (the warm start), within each output
+    column (``group="output"``, Wanda's comparison) or over the whole matrix. Scaling the raw
+    scores by their maximum instead puts most entries near 0, i.e. a nearly empty start."""
+    score = wanda_scores(w, stats)
+    if group == "output":
+        ranks = jnp.argsort(jnp.argsort(score, axis=0, stable=True), axis=0, stable=True)
+        return (ranks / (w.shape[0] - 1)).astype(w.dtype)
+    flat = score.reshape(-1)
+    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
+    return (ranks / (flat.size - 1)).reshape(w.shape).astype(w.dtype)
 
 
 def prune_qk_softmax(
@@ -139,9 +140,9 @@ def prune_qk_softmax(
             **shape_kw,
         )
 
-    wanda = {k: _wanda_scores(w, stats) for k, w in weights.items()}
+    group = cfg.group_or_default
     if cfg.init == "wanda":
-        init = {k: _wanda_ranks(w, stats) for k, w in weights.items()}
+        init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
     data = (weights, x, target, scale)
@@ -174,10 +175,13 @@ def prune_qk_softmax(
     masks = res.masks
     keep, new = {}, {}
     for k, w in weights.items():
-        # Projection leaves many entries exactly at 0 or 1; Wanda's score (in [0, 1]) breaks those
-        # ties instead of the index order, and is too small to reorder distinct mask values.
-        scores = mask_scores(masks[k], w, cfg.score) + cfg.tiebreak * wanda[k]
-        keep[k] = binarize(scores, cfg.sparsity_or_none, cfg.pattern)
+        # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
+        # (a second sort key, so it never reorders distinct mask values).
+        tiebreak = wanda_scores(w, stats) if cfg.tiebreak else None
+        scores = mask_scores(masks[k], w, cfg.score)
+        keep[k] = binarize(
+            scores, cfg.sparsity_or_none, cfg.pattern, group=group, tiebreak=tiebreak
+        )
         new[k] = (
             sparsegpt_reconstruct(w, stats, keep[k])
             if cfg.update == "sparsegpt"

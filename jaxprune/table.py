@@ -13,6 +13,7 @@ from dataclasses import field
 from pathlib import Path
 
 from jaxprune import plots, results
+from jaxprune.compare import format_difference, paired_bootstrap
 from jaxprune.config import ConfigError, from_dict, to_dict
 from jaxprune.pipeline import PruneConfig
 
@@ -23,12 +24,19 @@ class TableConfig:
 
     # PruneConfig keys shared by every row.
     base: dict = field(default_factory=dict)
-    # The rows: each a mapping with "name" and PruneConfig keys.
+    # The rows: each a mapping with "name", PruneConfig keys and optionally "reference" (the name
+    # of the row its perplexity is compared with, paired over the same windows).
     rows: tuple[dict, ...] = field(default=(), metadata={"nonempty": True})
     # Folder of the table (rows' run folders go in out/runs).
     out: str = "runs/table"
     # Rows whose held-out attention error per layer is plotted (by name; empty: all qk rows).
     attention_rows: tuple[str, ...] = ()
+    # Run the rows not yet measured (false: only write the table of the measured ones, listing
+    # the others as not yet measured).
+    run_missing: bool = True
+    # Stop after measuring this many new rows (None: all), so a driver can run one row per
+    # process and a long table can be spread over sessions.
+    max_new_rows: int | None = field(default=None, metadata={"range": (1, 10000)})
 
     def __post_init__(self):
         names = [r.get("name") for r in self.rows]
@@ -39,6 +47,12 @@ class TableConfig:
         unknown = [n for n in self.attention_rows if n not in names]
         if unknown:
             raise ValueError(f"attention_rows {unknown} name no row; rows are {names}.")
+        for row in self.rows:
+            ref = row.get("reference")
+            if ref is not None and (ref not in names or ref == row["name"]):
+                raise ValueError(
+                    f"row {row['name']!r}: reference {ref!r} names no other row; rows are {names}."
+                )
         for cfg in self.row_configs().values():
             del cfg  # building them validates every row
 
@@ -46,7 +60,7 @@ class TableConfig:
         """Validated configs of the rows, by name."""
         out = {}
         for row in self.rows:
-            raw = {**self.base, **{k: v for k, v in row.items() if k != "name"}}
+            raw = {**self.base, **{k: v for k, v in row.items() if k not in ("name", "reference")}}
             raw["out"] = str(Path(self.out) / "runs")
             try:
                 out[row["name"]] = from_dict(PruneConfig, raw, source=f"row {row['name']!r}")
@@ -70,18 +84,24 @@ def run(cfg: TableConfig) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, new = [], 0
     for name, row_cfg in cfg.row_configs().items():
         command = command_for(row_cfg)
         metrics = _reusable(out, row_cfg)
+        budget_left = cfg.max_new_rows is None or new < cfg.max_new_rows
+        if metrics is None and not (cfg.run_missing and budget_left):
+            print(f"[table] {name}: not yet measured: {command}", flush=True)
+            continue
         if metrics is None:
             print(f"[table] {name}: {command}", flush=True)
             metrics = run_job(row_cfg, command=command)
+            new += 1
             print(f"[table] {name}: {summary(metrics)}", flush=True)
         else:
             print(f"[table] {name}: reusing {metrics['run_dir']}", flush=True)
         rows.append({"name": name, **metrics})
         _write(out, rows, cfg)
+    rows = _with_comparisons(rows, cfg)
     return {
         "rows": rows,
         "out": str(out),
@@ -89,28 +109,78 @@ def run(cfg: TableConfig) -> dict:
     }
 
 
+def _with_comparisons(rows: list[dict], cfg: TableConfig) -> list[dict]:
+    """Adds each row's paired bootstrap comparison with its reference row, per data set."""
+    refs = {r["name"]: r.get("reference") for r in cfg.rows}
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for r in rows:
+        ref = by_name.get(refs.get(r["name"]) or "")
+        comparisons = {}
+        if ref is not None:
+            for d, ev in r.get("evaluation", {}).items():
+                if d in ref.get("evaluation", {}):
+                    try:
+                        comparisons[d] = paired_bootstrap(ev, ref["evaluation"][d])
+                    except ValueError as err:
+                        comparisons[d] = {"error": str(err)}
+        out.append({**r, "reference": refs.get(r["name"]), "comparison": comparisons})
+    return out
+
+
 def _write(out: Path, rows: list[dict], cfg: TableConfig) -> None:
+    from jaxprune.job import command_for
+
+    rows = _with_comparisons(rows, cfg)
     datasets = list(dict.fromkeys(k for r in rows for k in r["perplexity"]))
+
+    def diff(r, d):
+        cmp = r["comparison"].get(d)
+        if not cmp:
+            return "-"
+        if "error" in cmp:
+            return "n/a"
+        return format_difference(cmp)
+
+    def attention(r):
+        errs = [x["heldout_attention_error"] for x in r["layers"] if "heldout_attention_error" in x]
+        return sum(errs) / len(errs) if errs and r["config"]["method"] != "dense" else "-"
+
     headers = [
         "row",
-        *(f"{d} ppl" for d in datasets),
+        *(h for d in datasets for h in (f"{d} ppl", f"{d} Δ vs ref [95% CI]")),
+        "reference",
+        "attention error",
         "sparsity",
         "prune s",
+        "total s",
         "peak RSS GiB",
         "command",
     ]
     body = [
         [
             r["name"],
-            *(r["perplexity"].get(d, float("nan")) for d in datasets),
+            *(v for d in datasets for v in (r["perplexity"].get(d, float("nan")), diff(r, d))),
+            r["reference"] or "-",
+            attention(r),
             r["mean_sparsity"],
             r["prune_seconds"],
+            r.get("total_seconds", float("nan")),
             r["host_peak_rss_bytes"] / 2**30,
             f"`{r['command']}`",
         ]
         for r in rows
     ]
-    (out / "table.md").write_text(results.markdown_table(headers, body) + "\n")
+    done = {r["name"] for r in rows}
+    pending = [
+        f"- {name}: not yet measured (`{command_for(c)}`)"
+        for name, c in cfg.row_configs().items()
+        if name not in done
+    ]
+    text = results.markdown_table(headers, body) + "\n"
+    if pending:
+        text += "\nRows not yet measured:\n" + "\n".join(pending) + "\n"
+    (out / "table.md").write_text(text)
     results.write_json(out / "table.json", rows)
     plots.bar_plot(
         [r["name"] for r in rows],

@@ -65,3 +65,23 @@ def test_scores_mask_times_weight():
     np.testing.assert_allclose(mask_scores(m, w, "mask_times_weight"), [[2.0, 1.0]])
     with pytest.raises(ValueError, match="needs the weight"):
         mask_scores(m, None, "mask_times_weight")
+
+
+@pytest.mark.parametrize("group", ["matrix", "output"])
+def test_ties_are_ordered_by_the_second_key_however_small(group):
+    # Entries the projection left at exactly 1: in float32, 1 + 1e-6 * 0.03 == 1, so adding a
+    # small multiple of the second score cannot order them; the second sort key must.
+    scores = jnp.ones((4, 2), jnp.float32)
+    second = jnp.array([[0.03, 0.05], [0.01, 0.02], [0.04, 0.01], [0.02, 0.055]], jnp.float32)
+    assert bool(jnp.all(scores + 1e-6 * second == 1.0))
+    keep = binarize(scores, 0.5, group=group, tiebreak=second)
+    if group == "output":
+        expected = [[True, True], [False, False], [True, False], [False, True]]
+    else:  # the four lowest second keys of the matrix: 0.01, 0.01, 0.02, 0.02
+        expected = [[True, True], [False, False], [True, False], [False, True]]
+    np.testing.assert_array_equal(keep, expected)
+    # The second key never reorders distinct scores.
+    scores = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]], jnp.float32)
+    np.testing.assert_array_equal(
+        binarize(scores, 0.5, group=group, tiebreak=1 - scores), binarize(scores, 0.5, group=group)
+    )

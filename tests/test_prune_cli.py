@@ -95,3 +95,43 @@ def test_prune_refuses_a_bad_flag_with_one_line(capsys):
     assert main(["prune", "--sparsity", "1.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "sparsity=1.5 is out of range" in err and "\n" not in err
+
+
+def test_table_compares_rows_paired_and_lists_rows_not_yet_measured(pruned_run):
+    from jaxprune.config import from_dict
+    from jaxprune.table import TableConfig, run
+
+    tmp, _ = pruned_run
+    base = {
+        "calib_samples": 2,
+        "calib_seq_len": 64,
+        "eval_windows": 3,
+        "eval_seq_len": 64,
+        "eval_data": ["wikitext2"],
+        "layers": [0, 1],
+        "heldout_samples": 1,
+        "softmax_seq_len": 32,
+        "save_params": False,
+        "progress": False,
+    }
+    rows = [
+        {"name": "dense", "method": "dense"},
+        {"name": "wanda", "method": "wanda", "reference": "dense"},
+        {"name": "magnitude", "method": "magnitude", "reference": "wanda"},
+    ]
+    out = str(tmp / "table")
+    first = from_dict(TableConfig, {"base": base, "rows": rows[:2], "out": out})
+    result = run(first)
+    wanda = result["rows"][1]
+    ev = wanda["evaluation"]["wikitext2"]
+    assert len(ev["window_nll"]) == len(ev["window_tokens"]) == 3
+    cmp = wanda["comparison"]["wikitext2"]
+    ppl = wanda["perplexity"]["wikitext2"] - result["rows"][0]["perplexity"]["wikitext2"]
+    assert cmp["difference"] == pytest.approx(ppl, rel=1e-9)
+    assert cmp["low"] <= cmp["difference"] <= cmp["high"]
+    # A row not measured yet is listed as such, never estimated, when the table only collects.
+    listing = from_dict(TableConfig, {"base": base, "rows": rows, "out": out, "run_missing": False})
+    run(listing)
+    text = (Path(out) / "table.md").read_text()
+    assert "wikitext2 Δ vs ref [95% CI]" in text and "[" in text.split("| wanda |")[1]
+    assert "- magnitude: not yet measured (`jaxprune prune --method magnitude" in text

@@ -8,20 +8,31 @@ from jaxtyping import Array, Bool, Float
 from jaxprune.baselines.stats import check_matrix
 from jaxprune.masks import binarize
 
+# Comparison groups for unstructured sparsity; the first is the default (one threshold per
+# matrix, as in the magnitude baseline of locuslab/wanda).
+GROUPS = ("matrix", "output")
+
 
 def magnitude_prune(
-    w: Float[Array, "d_in d_out"], *, sparsity: float | None = None, pattern: str
+    w: Float[Array, "d_in d_out"],
+    *,
+    sparsity: float | None = None,
+    pattern: str,
+    group: str = "matrix",
 ) -> tuple[Float[Array, "d_in d_out"], Bool[Array, "d_in d_out"]]:
     """Magnitude pruning: the entries with the smallest ``|W|`` are set to zero.
 
     Args:
       w: weight, input-major ``(d_in, d_out)``.
       sparsity: fraction pruned in ``[0, 1)``; may be omitted for ``"N:M"``.
-      pattern: ``"unstructured"`` (one threshold per matrix), ``"row"`` (per output) or ``"N:M"``.
+      pattern: ``"unstructured"``, ``"row"`` (the same as ``group="output"``) or ``"N:M"``.
+      group: unstructured comparison group, ``"matrix"`` or ``"output"``.
 
     Returns:
       ``(w_pruned, keep)``, both ``(d_in, d_out)``; ``w_pruned = w * keep``.
     """
     check_matrix(w, None)
-    keep = binarize(jnp.abs(w), sparsity, pattern)
+    if group not in GROUPS:
+        raise ValueError(f"magnitude group={group!r}: use one of {GROUPS}.")
+    keep = binarize(jnp.abs(w), sparsity, pattern, group=group)
     return jnp.where(keep, w, jnp.zeros_like(w)), keep

@@ -81,8 +81,26 @@ def _sparsegpt_block(
     return lax.fori_loop(0, w.shape[0], step, (w, jnp.zeros_like(w), keep))
 
 
-def _sparsegpt(w, stats, keep, nm, row_sparsity, blocksize, percdamp):
-    # keep is None when the mask is chosen here (row_sparsity or nm), else the fixed mask.
+def _block_mask(scores, sparsity: float, group: str):
+    """The keep-mask of one block from its saliencies ``w^2 / U_jj^2`` (``(b, d_out)``)."""
+    if group == "block":
+        # The authors' rule: one threshold over the whole block (every output), at the
+        # int(numel * sparsity)-th smallest saliency, pruning every entry <= it. At sparsity 0 we
+        # prune nothing (their `<=` would still drop the smallest entry of each block).
+        k = int(scores.size * sparsity)
+        if k == 0:
+            return jnp.ones(scores.shape, bool)
+        thresh = jnp.sort(scores.reshape(-1))[k]
+        return scores > thresh
+    # Per output: prune round(s*end) - round(s*start) of this block's inputs (see the caller).
+    k = round(sparsity * scores.shape[0])
+    if k == scores.shape[0]:  # binarize takes sparsity < 1; a short block may lose all
+        return jnp.zeros(scores.shape, bool)
+    return binarize(scores, k / scores.shape[0], "unstructured", group="output")
+
+
+def _sparsegpt(w, stats, keep, nm, sparsity, blocksize, percdamp, group="block"):
+    # keep is None when the mask is chosen here (sparsity or nm), else the fixed mask.
     w, u = _hinv_upper(w, stats, percdamp)
     d_in = w.shape[0]
     out_rows, out_keep = [], []
@@ -95,14 +113,14 @@ def _sparsegpt(w, stats, keep, nm, row_sparsity, blocksize, percdamp):
         elif nm is not None:
             kb = jnp.ones(wb.shape, bool)
         else:
-            # Prune per output round(s*end) - round(s*start) inputs of this block: each block gets
-            # about the fraction s, and the counts telescope to exactly round(s*d_in) per output.
-            k = round(row_sparsity * end) - round(row_sparsity * start)
             scores = wb**2 / jnp.diag(ub).reshape(-1, 1) ** 2
-            if k == end - start:  # binarize takes sparsity < 1; a short block may lose all
-                kb = jnp.zeros(wb.shape, bool)
+            if group == "output":
+                # Each block gets about the fraction s per output, and the counts telescope to
+                # exactly round(s*d_in) per output.
+                count = round(sparsity * end) - round(sparsity * start)
+                kb = _block_mask(scores, count / (end - start), "output")
             else:
-                kb = binarize(scores, k / (end - start), "row")  # round(k / b * b) == k
+                kb = _block_mask(scores, sparsity, "block")
         qb, err, kb = _sparsegpt_block(wb, ub, kb, nm)
         out_rows.append(qb)
         out_keep.append(kb)
@@ -111,8 +129,14 @@ def _sparsegpt(w, stats, keep, nm, row_sparsity, blocksize, percdamp):
     return jnp.concatenate(out_rows, axis=0), jnp.concatenate(out_keep, axis=0)
 
 
-def _check_sparsegpt(w, stats, sparsity, pattern, blocksize, percdamp):
+# Comparison groups for unstructured sparsity; the first is the authors' default.
+GROUPS = ("block", "output")
+
+
+def _check_sparsegpt(w, stats, sparsity, pattern, blocksize, percdamp, group="block"):
     check_matrix(w, stats)
+    if group not in GROUPS:
+        raise ValueError(f"SparseGPT group={group!r}: use one of {GROUPS}.")
     # Same errors as every other method: run binarize's checks on shapes only (no computation).
     jax.eval_shape(lambda: binarize(jnp.zeros((w.shape[0], 1)), sparsity, pattern))
     if not isinstance(blocksize, int) or blocksize < 1:
@@ -136,6 +160,7 @@ def sparsegpt_prune(
     pattern: str,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    group: str = "block",
 ) -> tuple[Float[Array, "d_in d_out"], Bool[Array, "d_in d_out"]]:
     """SparseGPT (Frantar & Alistarh 2023): adaptive masks and OBS weight updates.
 
@@ -145,11 +170,14 @@ def sparsegpt_prune(
     masked and the error is compensated on the later inputs of the block; later blocks get the
     block's compensation in one lazy matmul.
 
-    Mask choice per pattern:
-      * ``"unstructured"`` and ``"row"``: per output and block, the lowest-saliency
-        ``round(s*end) - round(s*start)`` entries are pruned, so every output has exactly
-        ``round(sparsity * d_in)`` zeros. (The reference code thresholds the whole block across
-        outputs, which gives each output only approximately ``sparsity``.)
+    Mask choice per pattern (the authors' IST-DASLab/sparsegpt ``fasterprune`` by default):
+      * ``"unstructured"``, ``group="block"``: one threshold over the whole block (all outputs x
+        ``blocksize`` inputs), at the ``int(numel * sparsity)``-th smallest saliency, and every
+        entry at or below it pruned; outputs get unequal counts and the total is about
+        ``sparsity`` (one entry more per block).
+      * ``"unstructured"``, ``group="output"`` (an ablation; ``"row"`` is the same): per output
+        and block, the lowest-saliency ``round(s*end) - round(s*start)`` entries, so every output
+        has exactly ``round(sparsity * d_in)`` zeros.
       * ``"N:M"``: at every ``M``-th input, the ``M - N`` lowest in each group of ``M``, scored on
         the weights as updated so far.
 
@@ -160,13 +188,16 @@ def sparsegpt_prune(
       pattern: ``"unstructured"``, ``"row"`` or ``"N:M"``.
       blocksize: inputs per block (the lazy-update granularity); a multiple of ``M`` for N:M.
       percdamp: dampening as a fraction of the mean diagonal of ``H``.
+      group: unstructured comparison group, ``"block"`` (the authors') or ``"output"``.
 
     Returns:
       ``(w_pruned, keep)``, both ``(d_in, d_out)``; ``w_pruned`` is zero where ``keep`` is False
       and also on dead inputs (``H_jj = 0``), in ``w``'s dtype (computed in float32).
     """
-    nm = _check_sparsegpt(w, stats, sparsity, pattern, blocksize, percdamp)
-    q, keep = _sparsegpt(w, stats, None, nm, sparsity, blocksize, percdamp)
+    if pattern == "row":
+        pattern, group = "unstructured", "output"
+    nm = _check_sparsegpt(w, stats, sparsity, pattern, blocksize, percdamp, group)
+    q, keep = _sparsegpt(w, stats, None, nm, sparsity, blocksize, percdamp, group)
     return q.astype(w.dtype), keep
 
 
