@@ -70,10 +70,24 @@ class TableConfig:
         return out
 
 
+def _same_settings(stored: dict, current: dict) -> bool:
+    """Whether a stored row measured these settings. A key the stored config lacks was added to
+    ``PruneConfig`` after the row ran; the row measured its default, so it matches only that."""
+    defaults = json.loads(json.dumps(to_dict(PruneConfig())))
+    for key, value in current.items():
+        if key in stored:
+            if stored[key] != value:
+                return False
+        elif value != defaults.get(key):
+            return False
+    return set(stored) <= set(current)
+
+
 def _reusable(out: Path, cfg: PruneConfig) -> dict | None:
+    current = json.loads(json.dumps(to_dict(cfg)))
     for path in sorted((out / "runs").glob("*/metrics.json"), reverse=True):
         metrics = json.loads(path.read_text())
-        if metrics.get("config") == json.loads(json.dumps(to_dict(cfg))):
+        if _same_settings(metrics.get("config", {}), current):
             return metrics
     return None
 

@@ -1,0 +1,59 @@
+"""The blocked causal attention and the chunked NLL equal the direct computation."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxprune import model as model_lib
+from jaxprune.model import Llama, LlamaConfig
+
+
+def direct_logits(m: Llama, tokens):
+    """The forward with one full (t, t) softmax per head, from the layer's own probabilities."""
+    cos, sin = m.rope(tokens.shape[1])
+    h = m.embed(tokens)
+    for layer in m.layers:
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        probs = a.probs(x, cos, sin)  # (b, h, t, t)
+        b, t, _ = x.shape
+        v = a.v_proj(x).reshape(b, t, a.num_kv_heads, a.head_dim)
+        v = jnp.repeat(v, a.num_heads // a.num_kv_heads, axis=2)
+        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, -1)
+        h = h + a.o_proj(out)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))[0]
+    return m.head(h)
+
+
+@pytest.mark.parametrize("block", [3, 8, 64])
+def test_blocked_attention_and_chunked_nll_match_the_direct_forward(monkeypatch, block):
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=40,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_embeddings=True,
+    )
+    m = Llama(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(2, 21)), jnp.int32)
+    monkeypatch.setattr(model_lib, "QUERY_BLOCK", block)
+    monkeypatch.setattr(model_lib, "NLL_CHUNK", block)
+    expected = direct_logits(m, tokens)
+    np.testing.assert_allclose(m(tokens), expected, rtol=1e-5, atol=1e-5)
+    nll = model_lib._token_nll(m, tokens)
+    logp = jnp.take_along_axis(
+        jnp.log(jnp.exp(expected) / jnp.exp(expected).sum(-1, keepdims=True))[:, :-1],
+        tokens[:, 1:, None],
+        axis=-1,
+    )[..., 0]
+    np.testing.assert_allclose(nll, -logp, rtol=1e-4, atol=1e-5)
+    # The probabilities the captures report are the causal softmax rows.
+    probs = m.layers[0].self_attn.probs(m.layers[0].input_layernorm(m.embed(tokens)), *m.rope(21))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.abs(jnp.triu(probs, k=1)).max()) == 0.0
