@@ -1,8 +1,14 @@
-"""The ``jaxprune`` command line: one sub-command per module under ``jaxprune/commands``."""
+"""The ``jaxprune`` command line: one sub-command per module under ``jaxprune/commands``.
+
+Every command fails the same way: bad input (a missing or corrupt file, an unsupported model, a
+setting that cannot work, no network) prints one line ``jaxprune <command>: error: ...`` and exits
+with status 2; only a bug shows a traceback, and ``--debug`` shows it for any error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -13,11 +19,32 @@ COMMANDS = {
     "prune": "jaxprune.commands.prune",
 }
 
+# Exit status of a user error (argparse's own for a bad command line).
+USER_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and a near flag suggested."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unknown_arguments(self, extras: list[str]):
+        """Stops on the first argument no flag takes, naming the nearest flag."""
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for token in extras:
+            if token.startswith("-"):
+                name = token.split("=", 1)[0]
+                near = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                self.error(f"unknown flag {name}{hint}")
+        self.error(f"unexpected argument {extras[0]!r} (a flag's value needs its flag before it)")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxprune", description=__doc__)
+    parser = Parser(prog="jaxprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    modules, parsers = {}, {}
     for name, path in COMMANDS.items():
         try:
             module = importlib.import_module(path)
@@ -26,9 +53,35 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue
         modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    return modules[args.command].main(args)
+        parsers[name] = sub.add_parser(name, help=module.__doc__.splitlines()[0])
+        module.add_arguments(parsers[name])
+        parsers[name].add_argument(
+            "--debug", action="store_true", help="show the full traceback of any error"
+        )
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parsers[args.command].unknown_arguments(extras)
+    return run_command(args.command, modules[args.command].main, args)
+
+
+def run_command(name: str, fn, args: argparse.Namespace) -> int:
+    """Runs ``fn(args)``; a user error becomes one line on stderr and exit status 2."""
+    from jaxprune.errors import is_user_error, one_line
+
+    try:
+        return fn(args)
+    except KeyboardInterrupt as err:
+        if getattr(args, "debug", False):
+            raise
+        notes = " ".join(getattr(err, "__notes__", ()))
+        print(f"jaxprune {name}: interrupted{'; ' + notes if notes else ''}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if getattr(args, "debug", False) or not is_user_error(err):
+            raise
+        prefix = f"jaxprune {name}: "  # config errors may already name the command
+        print(f"{prefix}error: {one_line(err).removeprefix(prefix)}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Experiment configs: YAML files mapped onto frozen dataclasses, overridable, validated on load.
 
 A config class declares each field with a type annotation and, where a range applies,
-``field(metadata={"range": (lo, hi)})`` or ``{"choices": (...)}``. Loading checks every key, type
+``field(metadata={"range": (lo, hi)})`` or ``{"choices": (...)}``, under a one-line comment that
+says what the field is (:func:`field_help` reads it for ``--help``). Loading checks every key, type
 and range and stops with one :class:`ConfigError` line naming the key, the value and what is
-allowed.
+allowed. Numbers may be written as Python writes them (``1e-3``, ``5e-1``, ``.5``).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
+import math
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -17,19 +23,35 @@ from typing import Any
 
 import yaml
 
+from jaxprune.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key, type or value is not allowed."""
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML without YAML 1.1's base-60 integers, so ``pattern: 2:4`` stays the string "2:4"."""
+    """YAML without YAML 1.1's base-60 numbers, so ``pattern: 2:4`` stays the string "2:4", and
+    with the floats Python reads (``1e-3``; YAML 1.1 wants ``1.0e-3``)."""
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
     re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
@@ -37,9 +59,25 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_value(text: str):
-    """Parses one YAML scalar or collection (``"0.5"`` -> 0.5, ``"2:4"`` -> "2:4")."""
-    return yaml.load(text, Loader=_Loader)
+def yaml_value(text: str, what: str | None = None):
+    """Parses one YAML scalar or collection (``"0.5"`` -> 0.5, ``"2:4"`` -> "2:4", ``"1e-3"`` ->
+    0.001).
+
+    Args:
+      text: the value as written.
+      what: the flag or key it was given for; with it, a YAML syntax error becomes a
+        :class:`ConfigError` naming it.
+    """
+    if what is None:
+        return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", "") or err).split())
+        raise ConfigError(
+            f"{what}: {text!r} is not a value YAML reads ({problem}); write lists as [1, 2] and "
+            "quote text with special characters."
+        ) from err
 
 
 def _type_name(tp) -> str:
@@ -70,7 +108,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}={value!r}: expected a number.")
+            raise ConfigError(f"{key}={value!r}: expected a number (such as 0.5 or 1e-3).")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected a finite number.")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -111,8 +151,11 @@ def from_dict(cls, raw: dict[str, Any], source: str = "config"):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        near = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(
-            f"unknown key {unknown[0]!r} in {source}; allowed keys: {', '.join(sorted(fields))}."
+            f"unknown key {unknown[0]!r} in {source}; {hint}"
+            f"allowed keys: {', '.join(sorted(fields))}."
         )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -133,7 +176,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set steps=100.")
-        out[key.strip()] = yaml_value(text)
+        out[key.strip()] = yaml_value(text, what=f"--set {key.strip()}")
     return out
 
 
@@ -151,6 +194,49 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value lines.")
     return raw
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field's description: the comment lines right above its declaration in the class.
+
+    Returns:
+      Field name -> the comment text joined into one line (fields without a comment are absent).
+    """
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a frozen build): no descriptions
+        return {}
+    out, previous = {}, None
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            previous = None
+            continue
+        comments = []
+        row = node.lineno - 2  # the line above, 0-based
+        while row >= 0 and lines[row].strip().startswith("#"):
+            comments.insert(0, lines[row].strip().lstrip("#").strip())
+            row -= 1
+        if comments:
+            out[node.target.id] = " ".join(comments)
+        elif (
+            previous is not None
+            and previous.end_lineno == node.lineno - 1
+            and previous.target.id in out
+        ):
+            # A field right under another shares its comment ("block size and dampening").
+            out[node.target.id] = out[previous.target.id]
+        previous = node
+    return out
+
+
+def yaml_text(value: Any) -> str:
+    """A value as one line of YAML, as a flag or a config file takes it (``[wikitext2, c4]``)."""
+    if isinstance(value, str) and yaml_value(value) == value:
+        return value  # "2:4", "unstructured": no quotes needed
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    return text.strip().removesuffix("...").strip()
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxprune.errors import DataError, DataFileError
+
 WIKITEXT_FILE = "wikitext-2-raw-v1-test.jsonl"
 # The project's 2,000-document extract first, then the hub's shard (whose first 2,000 documents
 # are not the same ones, so results differ between the two; the protocol's split holds for both).
@@ -61,7 +63,7 @@ def default_data_dir() -> Path:
     if env:
         path = Path(env).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise DataFileError(
                 f"JAXPRUNE_DATA={env!r} is not a folder; point it at the folder holding "
                 f"{WIKITEXT_FILE} and {C4_FILES[0]}."
             )
@@ -69,7 +71,7 @@ def default_data_dir() -> Path:
     # jaxprune/data.py -> project root -> its parent, where the shared folder sits.
     path = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise DataFileError(
             f"no data folder: JAXPRUNE_DATA is not set and {path} does not exist. Set "
             f"JAXPRUNE_DATA to a folder holding {WIKITEXT_FILE} (WikiText-2 raw test split as "
             f"JSON lines) and {C4_FILES[0]} or the hub's {C4_FILES[1]}."
@@ -82,9 +84,9 @@ def _data_dir(data_dir: str | Path | None) -> Path:
         return default_data_dir()
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"data_dir={str(data_dir)!r} is not a folder; pass the folder holding {WIKITEXT_FILE} "
-            f"and {C4_FILES[0]}, or None for the default."
+        raise DataFileError(
+            f"data_dir={str(data_dir)!r} is not a folder; pass (with --data-dir) the folder "
+            f"holding {WIKITEXT_FILE} and {C4_FILES[0]}, or leave it unset for the default."
         )
     return path
 
@@ -107,18 +109,18 @@ def _json_texts(path: Path) -> Iterator[str]:
                     row = json.loads(line)
                     text = row["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(
+                    raise DataError(
                         f"{path} line {lineno} is not a JSON object with a 'text' field "
                         f"({type(err).__name__}: {err}); the file is damaged, replace it."
                     ) from err
                 if not isinstance(text, str):
-                    raise ValueError(
+                    raise DataError(
                         f"{path} line {lineno}: 'text' is {type(text).__name__}, not a string; "
                         "the file is damaged, replace it."
                     )
                 yield text
         except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise ValueError(
+            raise DataError(
                 f"{path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
                 "damaged, replace it."
             ) from err
@@ -139,20 +141,52 @@ def read_wikitext(data_dir: str | Path | None = None) -> str:
     """
     path = _data_dir(data_dir) / WIKITEXT_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataFileError(
             f"{path} does not exist; put the WikiText-2 raw test split there as JSON lines "
             '{"text": ...} (one row per line, empty rows included).'
         )
     return "\n\n".join(_json_texts(path))
 
 
+def require_files(datasets, data_dir: str | Path | None = None) -> dict[str, Path]:
+    """Checks that the files a run will read exist, before any work starts.
+
+    Args:
+      datasets: names among ``"wikitext2"``, ``"c4"`` and ``"c4-paper"`` (C4's file).
+      data_dir: the data folder; None for :func:`default_data_dir`.
+
+    Returns:
+      Dataset name -> the file that will be read.
+
+    Raises:
+      DataFileError: the folder or a file is missing; the message names it and the fix.
+    """
+    folder = _data_dir(data_dir)
+    out = {}
+    for name in dict.fromkeys(datasets):
+        if name == "wikitext2":
+            path = folder / WIKITEXT_FILE
+            if not path.is_file():
+                raise DataFileError(
+                    f"{path} does not exist; put the WikiText-2 raw test split there as JSON "
+                    "lines, or point --data-dir at the folder that holds it."
+                )
+            out[name] = path
+        elif name in ("c4", "c4-paper"):
+            out[name] = _c4_path(folder)
+        else:
+            raise DataError(f"dataset {name!r}: use one of {(*DATASETS, 'c4-paper')}.")
+    return out
+
+
 def _c4_path(data_dir: Path) -> Path:
     for name in C4_FILES:
         if (data_dir / name).is_file():
             return data_dir / name
-    raise FileNotFoundError(
+    raise DataFileError(
         f"no C4 file in {data_dir}; expected one of {list(C4_FILES)} (C4 'en' validation "
-        "documents as JSON lines with a 'text' field, gzipped or not)."
+        "documents as JSON lines with a 'text' field, gzipped or not), or point --data-dir at the "
+        "folder that holds one."
     )
 
 
@@ -174,7 +208,7 @@ def read_c4(
       ValueError: a bad range, or the file has fewer than ``stop`` documents.
     """
     if start < 0 or (stop is not None and stop < start):
-        raise ValueError(f"read_c4(start={start}, stop={stop}): need 0 <= start <= stop.")
+        raise DataError(f"read_c4(start={start}, stop={stop}): need 0 <= start <= stop.")
     path = _c4_path(_data_dir(data_dir))
     docs = []
     n_read = 0
@@ -185,7 +219,7 @@ def read_c4(
         if i >= start:
             docs.append(text)
     if stop is not None and n_read < stop:
-        raise ValueError(
+        raise DataError(
             f"{path} holds {n_read} documents but documents {start}..{stop - 1} were asked for; "
             "use a C4 file with more documents or a smaller range."
         )
@@ -199,7 +233,7 @@ def _tokens(tokenizer: TextTokenizer, text: str) -> np.ndarray:
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int | np.integer) or value < 1):
-        raise ValueError(f"{name}={value!r}: must be a positive int (or None for the default).")
+        raise DataError(f"{name}={value!r}: must be a positive int (or None for the default).")
 
 
 def window_starts(n_tokens: int, seq_len: int, n_samples: int) -> np.ndarray:
@@ -214,7 +248,7 @@ def window_starts(n_tokens: int, seq_len: int, n_samples: int) -> np.ndarray:
       ``(N,)`` int64 starts, each in ``[0, n_tokens - seq_len)``.
     """
     if n_tokens <= seq_len:
-        raise ValueError(
+        raise DataError(
             f"the calibration text has {n_tokens} tokens, not more than seq_len={seq_len}; use a "
             "shorter seq_len or more documents."
         )
@@ -251,7 +285,7 @@ def calibration_windows(
       ValueError: unknown protocol or bad sizes.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}.")
+        raise DataError(f"protocol={protocol!r}: use one of {PROTOCOLS}.")
     if protocol == "paper":
         return paper_calibration_sequences(tokenizer, n_samples, seq_len, data_dir)
     _positive("n_samples", n_samples)
@@ -291,7 +325,7 @@ def _split_windows(
     available = tokens.size // seq_len  # the tail shorter than a window is dropped
     n = available if n_windows is None else n_windows
     if n > available:
-        raise ValueError(
+        raise DataError(
             f"{what} has {tokens.size} tokens, {available} windows of {seq_len}; asked for "
             f"n_windows={n_windows}. Ask for at most {available} or use None for all."
         )
@@ -326,7 +360,7 @@ def eval_windows(
       ValueError: unknown dataset, or more windows asked for than the text holds.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"dataset={dataset!r}: use one of {DATASETS}.")
+        raise DataError(f"dataset={dataset!r}: use one of {DATASETS}.")
     _positive("n_windows", n_windows)
     _positive("seq_len", seq_len)
     if dataset == "wikitext2":

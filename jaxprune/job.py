@@ -1,10 +1,19 @@
-"""One pruning job end to end: load, calibrate, prune, evaluate, save, report."""
+"""One pruning job end to end: check, load, calibrate, prune, evaluate, save, report.
+
+Everything that can be checked is checked before the work it protects: the data files and output
+folders before the model is loaded, the settings against the model's shapes and every data
+window (calibration, held-out, evaluation) before pruning starts. Each pruned layer is saved as it
+finishes (:mod:`jaxprune.resume`), so a stopped run continues with ``--resume RUN_DIR``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxprune import data, results
+from jaxprune import data, results, resume
 from jaxprune.config import to_dict
+from jaxprune.errors import ModelError, OutputError
 from jaxprune.loaders.resolve import load_model
 from jaxprune.perplexity import perplexity
-from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
+from jaxprune.pipeline import PruneConfig, calibration_chunks, check_model, prune_model
 
 
 def command_for(cfg: PruneConfig) -> str:
@@ -39,19 +49,92 @@ def command_for(cfg: PruneConfig) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def evaluate(model, tokenizer, cfg: PruneConfig) -> dict[str, dict]:
-    """Perplexity on each of ``cfg.eval_data`` under PROTOCOL.md (windows, or the paper's
-    C4 documents for ``c4-paper``)."""
+def needed_data(cfg: PruneConfig) -> list[str]:
+    """The data sets a run reads: C4 for calibration (and held-out sequences), plus its
+    evaluation sets."""
+    return ["c4", *cfg.eval_data]
+
+
+def eval_sequences(tokenizer, cfg: PruneConfig) -> dict[str, Any]:
+    """The token sequences of each of ``cfg.eval_data`` under PROTOCOL.md (windows, or the
+    paper's C4 documents for ``c4-paper``)."""
     out = {}
     for name in cfg.eval_data:
         if name == "c4-paper":
-            seqs = data.paper_eval_sequences(tokenizer, cfg.data_dir, seq_len=cfg.eval_seq_len)
+            out[name] = data.paper_eval_sequences(tokenizer, cfg.data_dir, seq_len=cfg.eval_seq_len)
         else:
-            seqs = data.eval_windows(
+            out[name] = data.eval_windows(
                 tokenizer, name, cfg.eval_windows, seq_len=cfg.eval_seq_len, data_dir=cfg.data_dir
             )
-        out[name] = perplexity(model, seqs, batch_size=cfg.eval_batch, progress=cfg.progress)
     return out
+
+
+def evaluate(model, tokenizer, cfg: PruneConfig, sequences: dict | None = None) -> dict[str, dict]:
+    """Perplexity on each of ``cfg.eval_data`` (``sequences``: from :func:`eval_sequences`)."""
+    if sequences is None:
+        sequences = eval_sequences(tokenizer, cfg)
+    return {
+        name: perplexity(model, seqs, batch_size=cfg.eval_batch, progress=cfg.progress)
+        for name, seqs in sequences.items()
+    }
+
+
+def check_export_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Checks that ``--export-hf`` may write ``path``: absent or empty, or (with ``overwrite``)
+    an earlier Hugging Face export.
+
+    Raises:
+      OutputError: the path is a file, holds earlier files and ``overwrite`` is off, or holds
+        files that are no model export (never replaced, even with ``overwrite``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--export-hf {path}: that is a file, not a folder; choose a folder.")
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    if not overwrite:
+        raise OutputError(
+            f"--export-hf {path}: the folder is not empty (an earlier export?); choose a new "
+            "folder, or add --overwrite to replace that export."
+        )
+    if not (path / "config.json").is_file():
+        raise OutputError(
+            f"--export-hf {path}: the folder holds files but no config.json, so it is no earlier "
+            "model export; it is not replaced even with --overwrite. Choose another folder."
+        )
+    return path
+
+
+def export_hf_folder(model, path: str | Path, tokenizer=None) -> Path:
+    """Writes the Hugging Face folder into a temporary sibling and renames it into place when
+    complete, so a stopped export leaves no half-written model (and an earlier export stays
+    whole until the new one is complete)."""
+    from jaxprune.loaders.hf import write_hf_folder
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    write_hf_folder(model, partial, tokenizer=tokenizer)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+        partial.rename(path)
+        shutil.rmtree(old)
+    else:
+        partial.rename(path)
+    return path
+
+
+def _check_out(out: str | Path) -> None:
+    path = Path(out)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"out={out}: {parent} is a file, not a folder; choose a folder.")
+            if not os.access(parent, os.W_OK):
+                raise OutputError(f"out={out}: {parent} is not writable; choose another folder.")
+            return
 
 
 def save_outputs(run_dir: Path, model, masks: dict, cfg: PruneConfig) -> list[str]:
@@ -70,21 +153,50 @@ def save_outputs(run_dir: Path, model, masks: dict, cfg: PruneConfig) -> list[st
 
 
 def run_job(
-    cfg: PruneConfig, export_hf: str | None = None, command: str | None = None
+    cfg: PruneConfig,
+    export_hf: str | None = None,
+    command: str | None = None,
+    *,
+    overwrite: bool = False,
+    resume_dir: str | None = None,
 ) -> dict[str, Any]:
     """Runs one pruning job and writes ``metrics.json`` (and checkpoints) into a new run folder.
+
+    Args:
+      cfg: the run's settings.
+      export_hf: also write the pruned model as a Hugging Face folder there.
+      command: the command recorded in the metrics (default: :func:`command_for`).
+      overwrite: let ``export_hf`` replace an earlier export.
+      resume_dir: continue this stopped run (same settings) instead of starting a new one.
 
     Returns:
       The metrics (perplexities, measured sparsity per matrix, prune seconds, peak memory, the
       config and the command).
+
+    Raises:
+      UserError, OSError (and the loaders' errors): bad input, found before the work it would
+        spoil wherever possible.
     """
     t0 = time.perf_counter()
+    command = command or command_for(cfg) + (
+        f" --export-hf {shlex.quote(export_hf)}" if export_hf else ""
+    )
+    config = to_dict(cfg)
+    # Before loading anything: data files, output folders, the run to resume.
+    data.require_files(needed_data(cfg), cfg.data_dir)
+    _check_out(cfg.out)
+    if export_hf:
+        check_export_dir(export_hf, overwrite)
+    if resume_dir is not None:
+        resume.check_resumable(resume_dir, config, to_dict(PruneConfig()))
     model, tokenizer = load_model(cfg.model)
     if tokenizer is None:
-        raise ValueError(
+        raise ModelError(
             f"model {cfg.model!r} came without a tokenizer; pass a folder with "
             "tokenizer.json or a .gguf file with tokenizer metadata."
         )
+    # Before calibrating: the settings against the model's shapes, then every data window.
+    check_model(cfg, model.config)
     calib = data.calibration_windows(
         tokenizer, cfg.protocol, cfg.calib_samples, cfg.calib_seq_len, cfg.data_dir
     )
@@ -97,29 +209,49 @@ def run_job(
             seq_len=min(cfg.softmax_seq_len, cfg.calib_seq_len),
             data_dir=cfg.data_dir,
         )
+    sequences = eval_sequences(tokenizer, cfg)
     load_seconds = time.perf_counter() - t0
-    report = prune_model(
-        model,
-        calibration_chunks(calib, cfg.micro_batch),
-        calibration_chunks(np.asarray(heldout), cfg.micro_batch) if len(heldout) else [],
-        cfg,
-    )
-    ppl = evaluate(model, tokenizer, cfg)
-    run_dir = results.new_run_dir(cfg.out)
-    files = save_outputs(run_dir, model, report["masks"], cfg)
-    if export_hf:
-        from jaxprune.loaders.hf import write_hf_folder
-
-        write_hf_folder(model, export_hf, tokenizer=tokenizer)
+    if resume_dir is None:
+        run_dir = results.new_run_dir(cfg.out)
+        resume.write_run_file(run_dir, config, command)
+    else:
+        run_dir = Path(resume_dir)
+    if cfg.progress:
+        print(f"run folder {run_dir} (if stopped: add --resume {run_dir})", file=sys.stderr)
+    store = resume.LayerStore(run_dir / resume.LAYERS_DIR, config)
+    saved = []
+    try:
+        try:
+            report = prune_model(
+                model,
+                calibration_chunks(calib, cfg.micro_batch),
+                calibration_chunks(np.asarray(heldout), cfg.micro_batch) if len(heldout) else [],
+                cfg,
+                store=store,
+            )
+        finally:
+            saved = store.saved_layers()
+            store.close()
+        ppl = evaluate(model, tokenizer, cfg, sequences)
+        files = save_outputs(run_dir, model, report["masks"], cfg)
+        if export_hf:
+            export_hf_folder(model, export_hf, tokenizer=tokenizer)
+    except BaseException as err:  # Ctrl-C too: say how to go on
+        if saved:
+            err.add_note(
+                f"the finished layers are saved: add --resume {run_dir} to the same command "
+                "to go on."
+            )
+        raise
     sparsity = {
         f"{li}.{k}": float(1.0 - np.mean(np.asarray(v)))
         for li, m in report["masks"].items()
         for k, v in m.items()
     }
+    warnings = [w for layer in report["layers"] for w in layer.get("warnings", [])]
     metrics = dict(
-        command=command
-        or command_for(cfg) + (f" --export-hf {shlex.quote(export_hf)}" if export_hf else ""),
-        config=to_dict(cfg),
+        command=command,
+        config=config,
         perplexity={k: v["perplexity"] for k, v in ppl.items()},
         evaluation=ppl,
         measured_sparsity=sparsity,
@@ -133,9 +265,13 @@ def run_job(
         device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         calibration_tokens=int(sum(np.asarray(c).size for c in calib)),
         run_dir=str(run_dir),
-        files=["metrics.json", *files],
+        files=["metrics.json", resume.RUN_FILE, *files],
+        warnings=warnings,
+        resumed_layers=report.get("resumed_layers", []),
     )
     results.write_json(run_dir / "metrics.json", metrics)
+    # The final masks and parameters are saved; the per-layer checkpoints are no longer needed.
+    shutil.rmtree(run_dir / resume.LAYERS_DIR, ignore_errors=True)
     return metrics
 
 
@@ -143,9 +279,11 @@ def summary(metrics: dict) -> str:
     """A few lines for the terminal."""
     cfg = metrics["config"]
     ppl = ", ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items())
+    warned = len(metrics.get("warnings", []))
     return (
         f"{cfg['method']} {cfg['targets']} {cfg['pattern']}"
         f"{'' if ':' in cfg['pattern'] else ' ' + str(cfg['sparsity'])}: perplexity {ppl}; "
         f"sparsity {metrics['mean_sparsity']:.3f}; prune {metrics['prune_seconds']:.1f} s; "
         f"peak RSS {metrics['host_peak_rss_bytes'] / 2**30:.2f} GiB -> {metrics['run_dir']}"
+        + (f" ({warned} warning(s) in metrics.json)" if warned else "")
     )

@@ -233,6 +233,72 @@ def qk_pruning_loss(
     return attn + reg, {"attention": attn, "reg": reg}
 
 
+def _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope):
+    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
+    if rope is not None:
+        keys = apply_rope(keys, *rope)
+    return keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+
+
+def qk_attention_term_blocked(
+    masks: dict[str, Float[Array, "d _"]],
+    weights: dict[str, Float[Array, "d _"]],
+    x: Float[Array, "*b n d"],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_theta: float | None,
+    row_block: int,
+    causal: bool = True,
+    rope_scaling: Llama3RopeScaling | None = None,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """The attention term ``1/2 sum_h mean_b ||P_h(M) - P_h||_F^2`` over blocks of query rows,
+    with memory linear in ``n``: each block's pruned and dense probabilities ``(h, b, B, n)`` are
+    computed, reduced and (under differentiation) recomputed in the backward pass
+    (``jax.checkpoint``), so no ``(n, n)`` matrix is ever stored. Same value and gradient as
+    :func:`qk_pruning_loss`'s term with ``target=None`` (tested).
+
+    Args:
+      masks, weights: ``{"q": (d, h*dh), "k": (d, g*dh)}``.
+      x: attention input ``(n, d)`` or ``(b, n, d)``; ``n`` must be a multiple of ``row_block``.
+      n_heads, n_kv_heads, rope_theta, causal, rope_scaling: as in :func:`qk_layer_probs`.
+      row_block: query rows per block.
+
+    Returns:
+      ``(term, dense_scale)``: the attention term and ``1/2 sum_h mean_b ||P_h||_F^2`` of the
+      dense probabilities (the ``normalize`` divisor), both unnormalised.
+    """
+    x = _batched(x)
+    b, n, _ = x.shape
+    if row_block < 1 or n % row_block:
+        raise ValueError(f"row_block={row_block} must divide the sequence length {n}.")
+    head_dim = weights["q"].shape[1] // n_heads
+    rope = None
+    if rope_theta is not None:
+        rope = rope_cos_sin(
+            jnp.arange(n), head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling
+        )
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope=rope)
+    keys = _layer_keys(masks["k"] * weights["k"], x, **kw)
+    dense_keys = jax.lax.stop_gradient(_layer_keys(weights["k"], x, **kw))
+    q_heads = _split_heads(masks["q"] * weights["q"], n_heads, head_dim)
+    dense_q = jax.lax.stop_gradient(_split_heads(weights["q"], n_heads, head_dim))
+
+    @jax.checkpoint
+    def block(carry, start):
+        idx = start + jnp.arange(row_block)
+        fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=idx)
+        probs = jax.vmap(fn)(q_heads, keys)
+        dense = jax.lax.stop_gradient(jax.vmap(fn)(dense_q, dense_keys))
+        diff = probs - dense
+        term, scale = carry
+        return (term + jnp.sum(diff * diff), scale + jnp.sum(dense * dense)), None
+
+    zero = jnp.zeros((), x.dtype)
+    (term, scale), _ = jax.lax.scan(block, (zero, zero), jnp.arange(0, n, row_block))
+    return 0.5 * term / b, 0.5 * scale / b
+
+
 def qk_pruning_loss_layers(masks, weights, x, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`qk_pruning_loss` over a leading layer axis of ``masks``, ``weights`` and ``x``
     (``vmap`` over layers), summed. ``target`` and ``attn_scale`` may carry the layer axis too."""

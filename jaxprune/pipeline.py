@@ -9,7 +9,10 @@ every calibration chunk is kept (``N x T x d``), and the wider captures of a lay
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import resource
+import sys
 import time
 from dataclasses import field
 from typing import Any
@@ -24,9 +27,11 @@ from jaxprune import layerwise
 from jaxprune.baselines import GROUPS as BASELINE_GROUPS
 from jaxprune.baselines import METHODS as BASELINES
 from jaxprune.baselines import init_stats, prune_matrix, update_stats
+from jaxprune.errors import ModelError, ResumeError
 from jaxprune.masks import parse_nm
-from jaxprune.model import Llama, projection_kernels
+from jaxprune.model import Llama, LlamaConfig, projection_kernels
 from jaxprune.softmax_prune import attention_error, prune_qk_softmax
+from jaxprune.solvers import SolveDivergedError
 
 METHODS = ("dense", *BASELINES, "softmax")
 # Comparison groups per method; the first is the default (the authors' own for the baselines).
@@ -101,8 +106,16 @@ class PruneConfig:
     score: str = field(default="mask", metadata={"choices": ("mask", "mask_times_weight")})
     # Softmax-aware: break ties of the rounding by Wanda's score (a second sort key).
     tiebreak: bool = True
-    # Softmax-aware: after rounding, none or a SparseGPT update of the kept q/k weights.
-    update: str = field(default="none", metadata={"choices": ("none", "sparsegpt")})
+    # Softmax-aware: after rounding, update the kept q/k weights: none, sparsegpt (its linear
+    # reconstruction) or softmax (Adam on the same attention loss, the mask fixed).
+    update: str = field(default="none", metadata={"choices": ("none", "sparsegpt", "softmax")})
+    # Softmax-aware: compute the attention term over blocks of this many query rows (memory
+    # linear in softmax_seq_len, the same loss; None: the direct form, faster at short lengths).
+    row_block: int | None = field(default=None, metadata={"range": (1, 32768)})
+    # Softmax-aware update=softmax: Adam steps on the kept weights.
+    update_steps: int = field(default=40, metadata={"range": (1, 1_000_000)})
+    # Softmax-aware update=softmax: learning rate, relative to each matrix's weight RMS.
+    update_lr: float = field(default=0.01, metadata={"range": (0.0, None)})
     # Prune only these layer indices (None: every layer), for ablations and quick looks.
     layers: tuple[int, ...] | None = None
     # Held-out sequences (C4 evaluation documents) for the per-layer attention error.
@@ -135,6 +148,17 @@ class PruneConfig:
         for name in self.eval_data:
             if name not in ("wikitext2", "c4", "c4-paper"):
                 raise ValueError(f"eval_data entry {name!r}: use wikitext2, c4 or c4-paper.")
+        if not math.isfinite(self.lr) or (self.optimizer != "gd" and self.lr <= 0):
+            raise ValueError(
+                f"lr={self.lr} cannot work with optimizer={self.optimizer!r}: give a positive "
+                "finite learning rate such as 0.01 (only optimizer gd takes lr <= 0, for the "
+                "derived step size 1/L)."
+            )
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(
+                f"layers={list(self.layers)}: give layer indices from 0 (such as [0, 1]), or "
+                "leave it unset (null) for every layer."
+            )
         allowed = METHOD_GROUPS.get(self.method, ())
         if self.group is not None and self.group not in allowed:
             raise ValueError(
@@ -154,6 +178,89 @@ class PruneConfig:
         return None if parse_nm(self.pattern) else self.sparsity
 
 
+def _input_dims(c: LlamaConfig) -> dict[str, int]:
+    # Inputs of each projection (the axis N:M groups and SparseGPT blocks run along).
+    hidden, heads = c.hidden_size, c.num_heads * c.head_dim
+    dims = dict.fromkeys(("q", "k", "v", "gate", "up"), hidden)
+    return dims | {"o": heads, "down": c.intermediate_size}
+
+
+def check_model(cfg: PruneConfig, c: LlamaConfig, model_name: str | None = None) -> None:
+    """Checks the settings against the loaded model's shapes, before any calibration.
+
+    Raises:
+      ModelError: a layer index beyond the model, an N:M pattern whose M does not divide a pruned
+        matrix's inputs, or a SparseGPT block size that splits N:M groups.
+    """
+    name = model_name or cfg.model
+    if cfg.layers is not None and max(cfg.layers) >= c.num_layers:
+        raise ModelError(
+            f"layers={list(cfg.layers)}: model {name} has {c.num_layers} layers, indices 0 to "
+            f"{c.num_layers - 1}; give indices in that range."
+        )
+    nm = parse_nm(cfg.pattern)
+    if nm is None or cfg.method == "dense":
+        return
+    m = nm[1]
+    dims = _input_dims(c)
+    for target in TARGETS[cfg.targets]:
+        if dims[target] % m:
+            good = [
+                f"{k}:{2 * k}" for k in (1, 2, 4, 8) if all(d % (2 * k) == 0 for d in dims.values())
+            ]
+            raise ModelError(
+                f"pattern={cfg.pattern}: the {target} projections of {name} take {dims[target]} "
+                f"inputs, which do not split into groups of {m}; choose an M dividing "
+                f"{dims[target]} (such as {' or '.join(good[:2]) or '1:1'})."
+            )
+    uses_sparsegpt = cfg.method == "sparsegpt" or (
+        cfg.method == "softmax"
+        and cfg.other_method == "sparsegpt"
+        and set(TARGETS[cfg.targets]) - {"q", "k"}
+    )
+    if uses_sparsegpt and cfg.blocksize % m:
+        small = [t for t in TARGETS[cfg.targets] if cfg.blocksize < dims[t]]
+        if small:
+            raise ModelError(
+                f"blocksize={cfg.blocksize} is not a multiple of M={m} (pattern {cfg.pattern}); "
+                f"SparseGPT's blocks would split N:M groups: use a multiple of {m}."
+            )
+
+
+def _solve_warnings(info: dict, cfg: PruneConfig, li: int) -> list[str]:
+    """Warnings about a softmax-aware solve that did not do its job: its loss ended above its
+    start, or its relaxed mask collapsed towards zero (rounding then keeps arbitrary entries)."""
+    out = []
+    if info["final_loss"] > info["initial_loss"]:
+        out.append(
+            f"layer {li}: the softmax-aware solve ended at loss {info['final_loss']:.4g}, above "
+            f"its start {info['initial_loss']:.4g}; lower --lr (now {cfg.lr:g}) or try "
+            "--optimizer gd --lr 0 (derived step size, monotone)."
+        )
+    keep = 1.0 - (cfg.sparsity_or_none if cfg.sparsity_or_none is not None else _nm_pruned(cfg))
+    if info["mask_mean"] < 0.1 * keep:
+        out.append(
+            f"layer {li}: the relaxed mask collapsed (mean {info['mask_mean']:.3g} for a kept "
+            f"fraction {keep:.3g}), so its rounding is near arbitrary; lower --lam (now "
+            f"{info.get('lam', cfg.lam):g}) or --lr (now {cfg.lr:g})."
+        )
+    return out
+
+
+def _nm_pruned(cfg: PruneConfig) -> float:
+    n, m = parse_nm(cfg.pattern)
+    return 1.0 - n / m
+
+
+def _diverged(err: SolveDivergedError, cfg: PruneConfig, li: int) -> SolveDivergedError:
+    # The solver's advice names its own arguments; the user sets them with --lr and --optimizer.
+    what = re.split(r"[;.]\s+[Uu]se a smaller step_size", str(err))[0]
+    return SolveDivergedError(
+        f"layer {li}: {what}; use a smaller --lr than {cfg.lr:g} (optimizer {cfg.optimizer}), "
+        "or --optimizer gd --lr 0 for the derived step size, which cannot diverge."
+    )
+
+
 def calibration_chunks(tokens, micro_batch: int) -> list[np.ndarray]:
     """``(N, T)`` windows -> chunks of ``micro_batch`` rows; a list of 1-D sequences -> one chunk
     each (the paper protocol's sequences differ in length)."""
@@ -171,7 +278,11 @@ def _peak_memory_bytes() -> dict[str, int]:
 
 
 def prune_model(
-    model: Llama, calib_chunks: list[np.ndarray], heldout_chunks: list[np.ndarray], cfg: PruneConfig
+    model: Llama,
+    calib_chunks: list[np.ndarray],
+    heldout_chunks: list[np.ndarray],
+    cfg: PruneConfig,
+    store=None,
 ) -> dict[str, Any]:
     """Prunes ``model`` in place, layer by layer.
 
@@ -180,9 +291,13 @@ def prune_model(
       calib_chunks: calibration token chunks ``(b, t)``.
       heldout_chunks: held-out token chunks for the per-layer attention error (may be empty).
       cfg: the run's settings.
+      store: optional ``jaxprune.resume.LayerStore``: every pruned layer is saved there as it
+        finishes, and the layers it already holds are restored instead of pruned again (their
+        outputs are recomputed, so the remaining layers see the bits of an uninterrupted run).
 
     Returns:
-      ``{"masks": {layer: {name: bool array}}, "layers": [per-layer facts], "seconds": ...}``.
+      ``{"masks": {layer: {name: bool array}}, "layers": [per-layer facts], "seconds": ...,
+      "resumed_layers": [restored layer indices]}``.
     """
     c = model.config
     if cfg.method == "dense":
@@ -207,6 +322,15 @@ def prune_model(
 
     update = jax.jit(update_stats)
     masks, layers = {}, []
+    pruned = [
+        li for li in range(c.num_layers) if targets and (cfg.layers is None or li in cfg.layers)
+    ]
+    done = set(store.saved_layers()) if store is not None else set()
+    if done and sorted(done) != pruned[: len(done)]:
+        raise ResumeError(
+            f"the saved layers {sorted(done)} in {store.directory} are not the first of the "
+            f"layers this run prunes ({pruned}); the run folder is mixed up, start a new run."
+        )
     bar = tqdm(
         range(c.num_layers),
         desc=f"prune {cfg.method}",
@@ -217,9 +341,25 @@ def prune_model(
         layer = model.layers[li]
         graphdef, state = nnx.split(layer)
         kernels = projection_kernels(layer)
+        if li in done:
+            like = {
+                "masks": {n: jax.ShapeDtypeStruct(kernels[n][...].shape, bool) for n in targets},
+                "kernels": {n: kernels[n][...] for n in targets},
+            }
+            masks[li], saved, info = store.restore(li, like)
+            for name, w in saved.items():
+                kernels[name][...] = jnp.asarray(w)
+            layers.append(info)
+            # Later layers need this layer's outputs unless they are all restored too.
+            if all(later in done for later in range(li + 1, c.num_layers)):
+                continue
+            graphdef, state = nnx.split(layer)
+            hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
+            held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
+            continue
         dense_qk = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k")}
         info: dict[str, Any] = {"layer": li}
-        if targets and (cfg.layers is None or li in cfg.layers):
+        if li in pruned:
             names = tuple(sorted({layerwise.INPUT_OF[t] for t in targets}))
             stats = {n: None for n in names}
             soft_x, soft_count = [], 0
@@ -242,18 +382,24 @@ def prune_model(
             rest = list(targets)
             if cfg.method == "softmax":
                 x = _stack_prefixes(soft_x, cfg.softmax_seq_len)
-                qk_new, keep, soft_info = prune_qk_softmax(
-                    dense_qk,
-                    x,
-                    stats["attn_in"],
-                    cfg,
-                    progress=cfg.progress,
-                    desc=f"layer {li} softmax",
-                    **shape_kw,
-                )
+                try:
+                    qk_new, keep, soft_info = prune_qk_softmax(
+                        dense_qk,
+                        x,
+                        stats["attn_in"],
+                        cfg,
+                        progress=cfg.progress,
+                        desc=f"layer {li} softmax",
+                        **shape_kw,
+                    )
+                except SolveDivergedError as err:
+                    raise _diverged(err, cfg, li) from err
                 new.update(qk_new)
                 masks[li] = dict(keep)
                 info |= soft_info
+                info["warnings"] = _solve_warnings(soft_info, cfg, li)
+                for warning in info["warnings"]:
+                    tqdm.write(f"jaxprune: warning: {warning}", file=sys.stderr)
                 info["softmax_tokens"] = list(x.shape[:2])
                 info["calib_attention_error"] = float(
                     attention_error(dense_qk["q"], dense_qk["k"], new["q"], new["k"], x, **shape_kw)
@@ -302,6 +448,8 @@ def prune_model(
                     )
                 )
             info["heldout_attention_error"] = float(np.mean(errs))
+        if store is not None and li in pruned:
+            store.save(li, masks[li], {n: kernels[n][...] for n in targets}, info)
         hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
         held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
         layers.append(info)
@@ -311,6 +459,7 @@ def prune_model(
         "masks": masks,
         "layers": layers,
         "seconds": time.perf_counter() - start,
+        "resumed_layers": sorted(done),
         **_peak_memory_bytes(),
     }
 

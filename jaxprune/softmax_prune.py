@@ -16,7 +16,9 @@ Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
   * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``, per output (``group``
     ``"output"``, Wanda's group) or per matrix; ties (entries the projection left at exactly 0
     or 1) are ordered by Wanda's score as a second sort key (``tiebreak``), then by index;
-  * optional SparseGPT weight update on the kept entries after rounding (``update``).
+  * optional weight update on the kept entries after rounding (``update``): SparseGPT's linear
+    reconstruction, or ``softmax``: Adam on the kept q/k entries against the same attention term
+    (:func:`reconstruct_qk_softmax`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from jaxprune.baselines import InputStats, sparsegpt_reconstruct, wanda_scores
 from jaxprune.masks import binarize, mask_scores
-from jaxprune.objective import qk_layer_probs, qk_pruning_loss
+from jaxprune.objective import qk_attention_term_blocked, qk_layer_probs, qk_pruning_loss
 from jaxprune.solvers import solve_masks
 
 
@@ -50,6 +52,10 @@ def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scali
         rope_scaling=rope_scaling,
     )
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
+
+
+def _blocked_term(masks, weights, x, row_block, shape_kw):
+    return qk_attention_term_blocked(masks, weights, x, row_block=row_block, **shape_kw)
 
 
 @partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
@@ -118,7 +124,20 @@ def prune_qk_softmax(
     shape_kw = dict(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
-    target, dense_scale = _target(weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw)
+    blocked = cfg.row_block is not None
+    if blocked and query_idx is not None:
+        raise ValueError("row_block and query_rows exclude each other: set one of them.")
+    if blocked and cfg.update == "softmax":
+        raise ValueError("update=softmax needs the direct attention term: unset row_block.")
+    if blocked:
+        # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
+        ones = {k: jnp.ones_like(w) for k, w in weights.items()}
+        target = None
+        dense_scale = _blocked_term(ones, weights, x, cfg.row_block, shape_kw)[1]
+    else:
+        target, dense_scale = _target(
+            weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw
+        )
     scale = dense_scale if cfg.normalize else jnp.ones(())
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
@@ -128,6 +147,10 @@ def prune_qk_softmax(
 
     def loss_fn(m, data, lam):
         w, xx, t, s = data
+        if blocked:
+            attn = _blocked_term(m, w, xx, cfg.row_block, shape_kw)[0] / s
+            reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
+            return attn + reg, {"attention": attn, "reg": reg}
         return qk_pruning_loss(
             m,
             w,
@@ -187,6 +210,21 @@ def prune_qk_softmax(
             if cfg.update == "sparsegpt"
             else jnp.where(keep[k], w, 0)
         )
+    update_info = {}
+    if cfg.update == "softmax":
+        new, update_info = reconstruct_qk_softmax(
+            weights,
+            keep,
+            x,
+            target=target,
+            attn_scale=scale,
+            query_idx=idx,
+            steps=cfg.update_steps,
+            lr=cfg.update_lr,
+            progress=progress,
+            desc=f"{desc} update",
+            **shape_kw,
+        )
     info = dict(
         lam=lam,
         lam_search=searched,
@@ -195,8 +233,80 @@ def prune_qk_softmax(
         final_loss=res.final_loss,
         final_attention_term=float(res.history["attention"][-1]),
         solve_seconds=time.perf_counter() - start,
+        **update_info,
     )
     return new, keep, info
+
+
+def reconstruct_qk_softmax(
+    weights,
+    keep,
+    x,
+    *,
+    target,
+    attn_scale,
+    steps,
+    lr,
+    n_heads,
+    n_kv_heads,
+    rope_theta,
+    rope_scaling=None,
+    query_idx=None,
+    progress=True,
+    desc="update",
+):
+    """Softmax-aware weight reconstruction: with the masks fixed, Adam on the kept q/k entries
+    against the attention term (the non-linear counterpart of SparseGPT's update).
+
+    The kept weights are ``W + s U`` with ``U`` starting at 0 and ``s`` the RMS of ``W`` (per
+    matrix), so one relative learning rate fits every layer; pruned entries stay exactly 0.
+
+    Args:
+      weights: dense kernels ``{"q": (d, h*dh), "k": (d, g*dh)}``.
+      keep: boolean keep-masks, same keys and shapes.
+      x: calibration attention inputs ``(b, n, d)``.
+      target: the dense attention probabilities on ``x`` (as the mask solve used them).
+      attn_scale: the attention term's divisor (its dense scale with ``normalize``).
+      steps: Adam steps.
+      lr: Adam learning rate on ``U`` (relative to the weight RMS).
+      n_heads, n_kv_heads, rope_theta, rope_scaling, query_idx: the layer's attention shape, as
+        in :func:`jaxprune.objective.qk_pruning_loss`.
+      progress, desc: the solver's progress bar.
+
+    Returns:
+      ``(new_kernels, info)`` with the attention term before and after the update.
+    """
+    shape_kw = dict(
+        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
+    )
+    keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
+    rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
+
+    def loss_fn(u, data):
+        w, kf, s, xx, t, sc = data
+        moved = {k: w[k] + s[k] * u[k] for k in w}
+        return qk_pruning_loss(
+            kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=query_idx, **shape_kw
+        )
+
+    res = solve_masks(
+        loss_fn,
+        {k: jnp.zeros_like(w) for k, w in weights.items()},
+        steps=steps,
+        data=(weights, keep_f, rms, x, target, attn_scale),
+        optimizer="adam",
+        step_size=lr,
+        project=False,
+        chunk_steps=min(steps, 25),
+        progress=progress,
+        desc=desc,
+    )
+    new = {k: jnp.where(keep[k], w + rms[k] * res.masks[k], 0) for k, w in weights.items()}
+    info = dict(
+        update_attention_before=float(res.history["attention"][0]),
+        update_attention_after=float(res.final_loss),
+    )
+    return new, info
 
 
 def _nm_sparsity(pattern: str) -> float:

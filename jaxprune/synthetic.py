@@ -76,7 +76,13 @@ class SyntheticConfig:
     progress: bool = True
 
     def __post_init__(self):
-        parse_nm(self.pattern)  # raises a clear ValueError for an unknown pattern
+        nm = parse_nm(self.pattern)  # raises a clear ValueError for an unknown pattern
+        # Checked here, before the run folder exists: N:M groups run along W's d inputs.
+        if nm is not None and self.d % nm[1]:
+            raise ValueError(
+                f"pattern={self.pattern} needs d divisible by {nm[1]}, but d={self.d}; choose "
+                f"d={self.d + nm[1] - self.d % nm[1]} or another pattern."
+            )
 
 
 def make_problem(cfg: SyntheticConfig):

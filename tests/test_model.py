@@ -368,7 +368,9 @@ def test_eval_command_json(tmp_path, monkeypatch, capsys):
 
     # The data module is another component; the command only needs its eval_windows interface.
     monkeypatch.setitem(
-        sys.modules, "jaxprune.data", types.SimpleNamespace(eval_windows=eval_windows)
+        sys.modules,
+        "jaxprune.data",
+        types.SimpleNamespace(eval_windows=eval_windows, require_files=lambda *a, **k: {}),
     )
     code = cli.main(
         [

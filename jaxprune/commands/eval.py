@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax.numpy as jnp
 
@@ -67,30 +66,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from jaxprune.data import eval_windows
+    from jaxprune.data import eval_windows, require_files
+    from jaxprune.errors import ModelError
     from jaxprune.loaders.resolve import load_model
     from jaxprune.perplexity import perplexity
 
-    try:
-        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
-    # RuntimeError: the default model's download failed (jaxprune.loaders.gguf.FetchError).
-    except (OSError, ValueError, RuntimeError) as err:
-        print(f"jaxprune eval: error: {err}", file=sys.stderr)
-        return 2
+    # Errors of bad input (no such model, no network, a corrupt file, missing data) are reported
+    # in one line by jaxprune.cli.run_command. The data file is checked before the model loads.
+    require_files([args.data], args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     if tokenizer is None:
-        print(
-            f"jaxprune eval: error: {args.model} has no tokenizer.json; put the model's "
-            "tokenizer.json in its folder.",
-            file=sys.stderr,
+        raise ModelError(
+            f"{args.model} has no tokenizer.json; put the model's tokenizer.json in its folder."
         )
-        return 2
-    try:
-        windows = eval_windows(
-            tokenizer, args.data, args.windows, seq_len=args.seq_len, data_dir=args.data_dir
-        )
-    except (OSError, ValueError) as err:
-        print(f"jaxprune eval: error: {err}", file=sys.stderr)
-        return 2
+    windows = eval_windows(
+        tokenizer, args.data, args.windows, seq_len=args.seq_len, data_dir=args.data_dir
+    )
     result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json)
     result.update(model=args.model, data=args.data, seq_len=args.seq_len, dtype=args.dtype)
     if args.json:

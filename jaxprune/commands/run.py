@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from jaxprune.config import ConfigError, from_dict, load_yaml, parse_overrides
 
@@ -29,21 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        raw = load_yaml(args.config)
-        raw.update(parse_overrides(args.overrides))
-        name = raw.pop("experiment", None)
-        if name not in EXPERIMENTS:
-            raise ConfigError(
-                f"{args.config}: 'experiment: {name}' is not known; "
-                f"use one of {sorted(EXPERIMENTS)}."
-            )
-        module_name, cls_name, run_name, summary_name = EXPERIMENTS[name]
-        module = importlib.import_module(module_name)
-        cfg = from_dict(getattr(module, cls_name), raw, source=args.config)
-    except ConfigError as err:
-        print(f"jaxprune run: error: {err}", file=sys.stderr)
-        return 2
+    # Config errors (and every other user error) are reported in one line by
+    # jaxprune.cli.run_command.
+    raw = load_yaml(args.config)
+    raw.update(parse_overrides(args.overrides))
+    name = raw.pop("experiment", None)
+    if name not in EXPERIMENTS:
+        raise ConfigError(
+            f"{args.config}: 'experiment: {name}' is not known; use one of {sorted(EXPERIMENTS)}."
+        )
+    module_name, cls_name, run_name, summary_name = EXPERIMENTS[name]
+    module = importlib.import_module(module_name)
+    cfg = from_dict(getattr(module, cls_name), raw, source=args.config)
     metrics = getattr(module, run_name)(cfg)
     print(getattr(module, summary_name)(metrics))
     return 0

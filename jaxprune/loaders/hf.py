@@ -19,6 +19,8 @@ from jaxprune.model import Llama, LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# config.json model types whose architecture jaxprune.model.Llama implements exactly.
+MODEL_TYPES = ("llama",)
 
 
 class WeightFileError(OSError):
@@ -34,6 +36,24 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             f"cannot read safetensors file {path} ({size} bytes): {err}. The file is truncated "
             "or corrupt; download or write it again."
         ) from err
+
+
+def _check_model_type(hf_config: dict, config_path: Path) -> None:
+    """Refuses a config.json of another architecture (GPT-2, Qwen, ...): its tensors could load
+    into the wrong places or its layers compute something else."""
+    model_type = hf_config.get("model_type")
+    archs = hf_config.get("architectures") or []
+    if model_type is None and archs:
+        model_type = archs[0]
+        known = model_type in ("LlamaForCausalLM", "LlamaModel")
+    else:
+        known = model_type is None or model_type in MODEL_TYPES
+    if not known:
+        raise WeightFileError(
+            f"{config_path} describes a {model_type!r} model; jaxprune implements the Llama "
+            f"architecture only (model_type {' or '.join(map(repr, MODEL_TYPES))}: Llama 2/3, "
+            "SmolLM2, TinyLlama, ...). Pass a Llama-family model."
+        )
 
 
 def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
@@ -52,9 +72,16 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
     if not config_path.is_file():
         raise WeightFileError(f"{folder} has no config.json; it is no Hugging Face model folder.")
     try:
-        config = LlamaConfig.from_hf_config(json.loads(config_path.read_text()))
+        hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise WeightFileError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(hf_config, dict):
+        raise WeightFileError(f"{config_path} holds no JSON object; it is no model config.")
+    _check_model_type(hf_config, config_path)
+    try:
+        config = LlamaConfig.from_hf_config(hf_config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise WeightFileError(f"{config_path}: {err}") from err
 
     if (folder / SINGLE_FILE).is_file():
         return config, _read_safetensors(folder / SINGLE_FILE)

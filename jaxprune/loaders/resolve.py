@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
-from jaxprune.loaders.hf import read_hf_folder
+from jaxprune.loaders.hf import WeightFileError, read_hf_folder
 from jaxprune.loaders.params import model_from_tensors
 from jaxprune.model import Llama
 
@@ -84,18 +85,46 @@ def _tokenizer_of(folder: Path):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for a bad file
+        raise WeightFileError(
+            f"{file} is not a readable tokenizer ({err}); copy the model's tokenizer.json again."
+        ) from err
+
+
+def check_finite(tensors: dict[str, np.ndarray], source: Path) -> None:
+    """Refuses weights with NaN or infinite values, naming the first such tensor: a model with
+    them evaluates to perplexity nan, and no pruning can repair it.
+
+    Raises:
+      WeightFileError: some tensor is not finite.
+    """
+    bad = []
+    for name, value in tensors.items():
+        n_bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if n_bad:
+            bad.append((name, n_bad, value.size))
+    if bad:
+        name, n_bad, size = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise WeightFileError(
+            f"{source}: tensor {name} holds {n_bad} NaN or infinite values of {size}{more}; the "
+            "weights are corrupt: download or write them again."
+        )
 
 
 def _from_gguf(path: Path, dtype) -> tuple[Llama, object]:
     from jaxprune.loaders.gguf import read_gguf
 
     config, tensors, tokenizer = read_gguf(path)
+    check_finite(tensors, path)
     return model_from_tensors(config, tensors, dtype), tokenizer
 
 
 def _from_folder(folder: Path, dtype) -> tuple[Llama, object]:
     config, tensors = read_hf_folder(folder)
+    check_finite(tensors, folder)
     return model_from_tensors(config, tensors, dtype), _tokenizer_of(folder)
 
 

@@ -1,0 +1,112 @@
+"""A tiny random Llama in a Hugging Face folder, a tiny data folder, and the ``jaxprune`` command
+run in a subprocess: what the command-line tests need, without downloads (not a test module)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 64
+N_LAYERS = 4
+# Flags of a run that takes seconds on the tiny model and data.
+TINY_FLAGS = [
+    "--calib-samples",
+    "4",
+    "--calib-seq-len",
+    "16",
+    "--micro-batch",
+    "2",
+    "--eval-data",
+    "[wikitext2]",
+    "--eval-windows",
+    "2",
+    "--eval-seq-len",
+    "16",
+    "--heldout-samples",
+    "1",
+    "--softmax-samples",
+    "2",
+    "--softmax-seq-len",
+    "16",
+    "--steps",
+    "5",
+    "--progress",
+    "false",
+]
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random 4-layer Llama (hidden 32, 4 query and 2 key/value heads of 8) with a word-level
+    tokenizer ``w0 .. w62``, written as a Hugging Face folder."""
+    from flax import nnx
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxprune.loaders.hf import write_hf_folder
+    from jaxprune.model import Llama, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=N_LAYERS,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rope_theta=1e4,
+        rms_norm_eps=1e-5,
+        tie_embeddings=True,
+    )
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return write_hf_folder(Llama(config, rngs=nnx.Rngs(seed)), folder, tokenizer=tokenizer)
+
+
+def write_tiny_data(folder: Path, seed: int = 0) -> Path:
+    """WikiText-2 and C4 files in the hub's layouts: 2,000 C4 documents of 12 words, 300
+    WikiText rows of 8 words."""
+    from jaxprune import data
+
+    rng = np.random.default_rng(seed)
+
+    def text(n):
+        return " ".join(f"w{i}" for i in rng.integers(0, VOCAB - 1, n))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / data.C4_FILES[2], "w") as f:
+        for _ in range(2000):
+            f.write(json.dumps({"text": text(12)}) + "\n")
+    with open(folder / data.WIKITEXT_FILE, "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": text(8)}) + "\n")
+    return folder
+
+
+def jaxprune(*args: str, cwd: Path, env: dict | None = None, script: str | None = None):
+    """Runs ``python -m jaxprune.cli ARGS`` (or ``python -c SCRIPT ARGS``) and returns the
+    ``CompletedProcess`` with text stdout and stderr."""
+    command = (
+        [sys.executable, "-c", script, *args]
+        if script
+        else [sys.executable, "-m", "jaxprune.cli", *args]
+    )
+    full_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    full_env.pop("JAXPRUNE_DATA", None)
+    return subprocess.run(
+        command, cwd=cwd, env=full_env | (env or {}), capture_output=True, text=True, timeout=300
+    )
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the sha256 of its bytes (to show nothing was touched)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
