@@ -23,6 +23,7 @@ Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
 
 from __future__ import annotations
 
+import functools
 import time
 from functools import partial
 
@@ -52,6 +53,50 @@ def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scali
         rope_scaling=rope_scaling,
     )
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
+
+
+@functools.cache
+def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
+    """The mask solve's loss ``(masks, (weights, x, target, scale)) -> (loss, aux)``, one object
+    per setting so that the solver's compilations are shared by every layer."""
+    shape_kw = dict(shape)
+    idx = None if query_idx is None else jnp.asarray(query_idx)
+
+    def loss_fn(m, data):
+        w, xx, t, s = data
+        if row_block is not None:
+            attn = _blocked_term(m, w, xx, row_block, shape_kw)[0] / s
+            reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
+            return attn + reg, {"attention": attn, "reg": reg}
+        return qk_pruning_loss(
+            m,
+            w,
+            xx,
+            lam=lam,
+            target=t,
+            attn_scale=s,
+            reg_scale=n_entries,
+            query_idx=idx,
+            **shape_kw,
+        )
+
+    return loss_fn
+
+
+@functools.cache
+def _update_loss(query_idx, shape):
+    """The weight update's loss ``(u, (w, keep, rms, x, target, scale)) -> (loss, aux)``."""
+    shape_kw = dict(shape)
+    idx = None if query_idx is None else jnp.asarray(query_idx)
+
+    def loss_fn(u, data):
+        w, kf, s, xx, t, sc = data
+        moved = {k: w[k] + s[k] * u[k] for k in w}
+        return qk_pruning_loss(
+            kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=idx, **shape_kw
+        )
+
+    return loss_fn
 
 
 def _blocked_term(masks, weights, x, row_block, shape_kw):
@@ -139,29 +184,19 @@ def prune_qk_softmax(
             weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw
         )
     scale = dense_scale if cfg.normalize else jnp.ones(())
-    idx = None if query_idx is None else jnp.asarray(query_idx)
 
     # With normalize, the attention term is relative to its dense value and the regulariser is
     # the mean of M^2, so lam trades the two at the same scale in every layer and model.
     n_entries = sum(w.size for w in weights.values()) if cfg.normalize else 1.0
 
-    def loss_fn(m, data, lam):
-        w, xx, t, s = data
-        if blocked:
-            attn = _blocked_term(m, w, xx, cfg.row_block, shape_kw)[0] / s
-            reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
-            return attn + reg, {"attention": attn, "reg": reg}
-        return qk_pruning_loss(
-            m,
-            w,
-            xx,
-            lam=lam,
-            target=t,
-            attn_scale=s,
-            reg_scale=n_entries,
-            query_idx=idx,
-            **shape_kw,
-        )
+    # One loss function object per setting (cached), so every layer reuses the compiled solver.
+    loss_of = partial(
+        _mask_loss,
+        n_entries=n_entries,
+        query_idx=query_idx,
+        row_block=cfg.row_block,
+        shape=tuple(sorted(shape_kw.items())),
+    )
 
     group = cfg.group_or_default
     if cfg.init == "wanda":
@@ -186,7 +221,7 @@ def prune_qk_softmax(
     if cfg.lam_search:
         for cand in cfg.lam_grid:
             res = solve_masks(
-                partial(loss_fn, lam=cand),
+                loss_of(lam=cand),
                 init,
                 steps=cfg.search_steps,
                 desc=f"{desc} lam={cand:g}",
@@ -194,7 +229,7 @@ def prune_qk_softmax(
             )
             searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
         lam = min(searched, key=lambda c: abs(searched[c] - keep_frac))
-    res = solve_masks(partial(loss_fn, lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
+    res = solve_masks(loss_of(lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
     masks = res.masks
     keep, new = {}, {}
     for k, w in weights.items():
@@ -218,7 +253,7 @@ def prune_qk_softmax(
             x,
             target=target,
             attn_scale=scale,
-            query_idx=idx,
+            query_idx=query_idx,
             steps=cfg.update_steps,
             lr=cfg.update_lr,
             progress=progress,
@@ -282,15 +317,8 @@ def reconstruct_qk_softmax(
     keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
     rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
 
-    def loss_fn(u, data):
-        w, kf, s, xx, t, sc = data
-        moved = {k: w[k] + s[k] * u[k] for k in w}
-        return qk_pruning_loss(
-            kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=query_idx, **shape_kw
-        )
-
     res = solve_masks(
-        loss_fn,
+        _update_loss(query_idx, tuple(sorted(shape_kw.items()))),
         {k: jnp.zeros_like(w) for k, w in weights.items()},
         steps=steps,
         data=(weights, keep_f, rms, x, target, attn_scale),

@@ -16,6 +16,7 @@ loss therefore never increases.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -108,6 +109,82 @@ def _grad_norm(g):
     return jnp.sqrt(_tree_dot(g, g))
 
 
+@functools.cache
+def _autograd(loss_fn):
+    return jax.grad(lambda m, d: loss_fn(m, d)[0])
+
+
+@functools.cache
+def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, project):
+    """The jit-compiled solver steps, built once per loss function and setting: a solve of the
+    next layer with the same (identical) loss function reuses the compilations instead of
+    tracing and compiling again (XLA caches by the function object)."""
+    grad_fn = grad_fn or _autograd(loss_fn)
+    opt = None if optimizer == "gd" else _optax(optimizer, step_size, schedule, steps)
+
+    def evaluate(m, data):
+        loss, aux = loss_fn(m, data)
+        return loss, aux.get("attention", loss), grad_fn(m, data)
+
+    def gd_step(data, state, _):
+        m, eta, loss, attn, g = (
+            state["masks"],
+            state["eta"],
+            state["loss"],
+            state["attn"],
+            state["grad"],
+        )
+        cand = _project(jax.tree.map(lambda a, b: a - eta * b, m, g), project)
+        c_loss, c_attn, c_grad = evaluate(cand, data)
+        accept = c_loss <= loss
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)  # noqa: E731
+        record = (loss, attn, _grad_norm(g), eta)
+        new = dict(
+            masks=pick(cand, m),
+            eta=jnp.where(accept, eta, eta / 2),
+            loss=pick(c_loss, loss),
+            attn=pick(c_attn, attn),
+            grad=pick(c_grad, g),
+            opt=state["opt"],
+            step=state["step"] + 1,
+        )
+        return new, record
+
+    def optax_step(data, state, _):
+        m = state["masks"]
+        loss, attn, g = evaluate(m, data)
+        updates, opt_state = opt.update(g, state["opt"], m)
+        new_m = _project(optax.apply_updates(m, updates), project)
+        lr = step_size if schedule == "constant" else opt_lr(state["step"])
+        record = (loss, attn, _grad_norm(g), jnp.asarray(lr, loss.dtype))
+        new = dict(state, masks=new_m, opt=opt_state, step=state["step"] + 1)
+        return new, record
+
+    opt_lr = optax.cosine_decay_schedule(step_size, steps) if schedule == "cosine" else None
+    step_fn = gd_step if optimizer == "gd" else optax_step
+
+    @partial(jax.jit, static_argnums=2)
+    def run_chunk(state, data, length):
+        state, rec = jax.lax.scan(partial(step_fn, data), state, None, length=length)
+        return state, jnp.stack(rec)
+
+    @jax.jit
+    def initial_state(m, data):
+        loss, attn, g = evaluate(m, data)
+        opt_state = opt.init(m) if opt is not None else ()
+        return dict(
+            masks=m,
+            eta=jnp.asarray(step_size, jax.tree.leaves(m)[0].dtype),
+            loss=loss,
+            attn=attn,
+            grad=g,
+            opt=opt_state,
+            step=jnp.zeros((), jnp.int32),
+        )
+
+    return run_chunk, initial_state
+
+
 def solve_masks(
     loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]],
     init: Any,
@@ -174,74 +251,15 @@ def solve_masks(
             f"checkpoint_every={checkpoint_every} must be a positive multiple of "
             f"chunk_steps={chunk_steps} so that resumed and uninterrupted solves match."
         )
-    grad_fn = grad_fn or jax.grad(lambda m, d: loss_fn(m, d)[0])
     init = jax.tree.map(jnp.asarray, init)
-    dtype = jax.tree.leaves(init)[0].dtype
-
     if step_size is None:
-        step_size = 1.0 / smoothness_estimate(grad_fn, init, data, iters=power_iters)
-    opt = None if optimizer == "gd" else _optax(optimizer, step_size, schedule, steps)
-
-    def evaluate(m, data):
-        loss, aux = loss_fn(m, data)
-        return loss, aux.get("attention", loss), grad_fn(m, data)
-
-    def gd_step(data, state, _):
-        m, eta, loss, attn, g = (
-            state["masks"],
-            state["eta"],
-            state["loss"],
-            state["attn"],
-            state["grad"],
+        step_size = 1.0 / smoothness_estimate(
+            grad_fn or _autograd(loss_fn), init, data, iters=power_iters
         )
-        cand = _project(jax.tree.map(lambda a, b: a - eta * b, m, g), project)
-        c_loss, c_attn, c_grad = evaluate(cand, data)
-        accept = c_loss <= loss
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)  # noqa: E731
-        record = (loss, attn, _grad_norm(g), eta)
-        new = dict(
-            masks=pick(cand, m),
-            eta=jnp.where(accept, eta, eta / 2),
-            loss=pick(c_loss, loss),
-            attn=pick(c_attn, attn),
-            grad=pick(c_grad, g),
-            opt=state["opt"],
-            step=state["step"] + 1,
-        )
-        return new, record
-
-    def optax_step(data, state, _):
-        m = state["masks"]
-        loss, attn, g = evaluate(m, data)
-        updates, opt_state = opt.update(g, state["opt"], m)
-        new_m = _project(optax.apply_updates(m, updates), project)
-        lr = step_size if schedule == "constant" else opt_lr(state["step"])
-        record = (loss, attn, _grad_norm(g), jnp.asarray(lr, dtype))
-        new = dict(state, masks=new_m, opt=opt_state, step=state["step"] + 1)
-        return new, record
-
-    opt_lr = optax.cosine_decay_schedule(step_size, steps) if schedule == "cosine" else None
-    step_fn = gd_step if optimizer == "gd" else optax_step
-
-    @partial(jax.jit, static_argnums=2)
-    def run_chunk(state, data, length):
-        state, rec = jax.lax.scan(partial(step_fn, data), state, None, length=length)
-        return state, jnp.stack(rec)
-
-    @jax.jit
-    def initial_state(m, data):
-        loss, attn, g = evaluate(m, data)
-        opt_state = opt.init(m) if opt is not None else ()
-        return dict(
-            masks=m,
-            eta=jnp.asarray(step_size, dtype),
-            loss=loss,
-            attn=attn,
-            grad=g,
-            opt=opt_state,
-            step=jnp.zeros((), jnp.int32),
-        )
-
+    step_size = float(step_size)
+    run_chunk, initial_state = _compiled_steps(
+        loss_fn, grad_fn, optimizer, step_size, schedule, steps, project
+    )
     state = initial_state(init, data)
     history = np.full((len(HISTORY_KEYS), steps), np.nan, dtype=np.float64)
     done = 0
