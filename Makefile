@@ -45,7 +45,8 @@ format: $(DEV)
 
 bench: $(DEV)
 	$(PY) benchmarks/objective_step.py
-	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/objective_memory.py
+	$(PY) benchmarks/eval_throughput.py --windows 2 --seq-len 2048 --batch-size 1 --repeats 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
