@@ -28,7 +28,7 @@ def direct_logits(m: Llama, tokens):
     return m.head(h)
 
 
-@pytest.mark.parametrize("block", [3, 8, 64])
+@pytest.mark.parametrize("block", [8, 64])
 def test_blocked_attention_and_chunked_nll_match_the_direct_forward(monkeypatch, block):
     cfg = LlamaConfig(
         vocab_size=50,
