@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_run import tiny_config
 
 from jaxprune import model as model_lib
-from jaxprune.model import Llama, LlamaConfig
+from jaxprune.model import Llama
 
 
 def direct_logits(m: Llama, tokens):
@@ -30,16 +31,7 @@ def direct_logits(m: Llama, tokens):
 
 @pytest.mark.parametrize("block", [8, 64])
 def test_blocked_attention_and_chunked_nll_match_the_direct_forward(monkeypatch, block):
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=40,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        tie_embeddings=True,
-    )
+    cfg = tiny_config(vocab_size=50)
     m = Llama(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(2, 21)), jnp.int32)
     monkeypatch.setattr(model_lib, "QUERY_BLOCK", block)

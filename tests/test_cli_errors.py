@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_run import TINY_FLAGS, jaxprune, snapshot, write_tiny_data, write_tiny_model
+from tiny_run import (
+    TINY_FLAGS,
+    jaxprune,
+    snapshot,
+    tiny_config,
+    write_tiny_data,
+    write_tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -265,21 +272,9 @@ def test_a_solve_that_rises_or_collapses_is_warned_about():
 
 def test_settings_checked_against_the_model_shapes():
     from jaxprune.errors import ModelError
-    from jaxprune.model import LlamaConfig
     from jaxprune.pipeline import PruneConfig, check_model
 
-    c = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        rope_theta=1e4,
-        rms_norm_eps=1e-5,
-        tie_embeddings=True,
-    )
+    c = tiny_config()
     check_model(PruneConfig(method="sparsegpt", targets="all", pattern="4:8", blocksize=16), c)
     with pytest.raises(ModelError, match=r"blocksize=6 is not a multiple of M=4"):
         check_model(PruneConfig(method="sparsegpt", pattern="2:4", blocksize=6), c)

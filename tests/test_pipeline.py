@@ -9,25 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_run import tiny_config
 
 from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.config import ConfigError, from_dict
 from jaxprune.job import command_for
-from jaxprune.model import Llama, LlamaConfig, projection_kernels
+from jaxprune.model import Llama, projection_kernels
 from jaxprune.pipeline import TARGETS, PruneConfig, calibration_chunks, prune_model
 
-TINY = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=1e4,
-    rms_norm_eps=1e-5,
-    tie_embeddings=True,
-)
+TINY = tiny_config()
 BASE = PruneConfig(
     softmax_samples=2, softmax_seq_len=12, steps=15, heldout_samples=1, progress=False, blocksize=16
 )

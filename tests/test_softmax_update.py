@@ -6,21 +6,12 @@ import dataclasses
 
 import numpy as np
 from flax import nnx
+from tiny_run import tiny_config
 
-from jaxprune.model import Llama, LlamaConfig, projection_kernels
+from jaxprune.model import Llama, projection_kernels
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 
-TINY = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=1e4,
-    tie_embeddings=True,
-)
+TINY = tiny_config()
 CFG = PruneConfig(
     method="softmax",
     targets="qk",

@@ -41,20 +41,15 @@ TINY_FLAGS = [
 ]
 
 
-def write_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A random 4-layer Llama (hidden 32, 4 query and 2 key/value heads of 8) with a word-level
-    tokenizer ``w0 .. w62``, written as a Hugging Face folder."""
-    from flax import nnx
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_config(**overrides):
+    """The tests' tiny Llama shape (2 layers, 4 query and 2 key/value heads of 8, tied)."""
+    from jaxprune.model import LlamaConfig
 
-    from jaxprune.loaders.hf import write_hf_folder
-    from jaxprune.model import Llama, LlamaConfig
-
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
-        num_layers=N_LAYERS,
+        num_layers=2,
         num_heads=4,
         num_kv_heads=2,
         head_dim=8,
@@ -62,6 +57,19 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
         rms_norm_eps=1e-5,
         tie_embeddings=True,
     )
+    return LlamaConfig(**(shape | overrides))
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random 4-layer Llama (hidden 32, 4 query and 2 key/value heads of 8) with a word-level
+    tokenizer ``w0 .. w62``, written as a Hugging Face folder."""
+    from flax import nnx
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxprune.loaders.hf import write_hf_folder
+    from jaxprune.model import Llama
+
+    config = tiny_config(num_layers=N_LAYERS)
     vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
