@@ -39,8 +39,26 @@ def _tiny_model():
     return Llama(config, rngs=nnx.Rngs(0))
 
 
-def _time_ours(graphdef, state, batches) -> tuple[float, float]:
-    from jaxprune.model import token_nll
+def _unblocked_nll():
+    """The NLL with one full (t, t) softmax per head and full (t, vocab) logits: the forward
+    before query blocking and head chunking, for a side-by-side comparison."""
+    from jaxprune import model as model_lib
+
+    def nll(graphdef, state, tokens):
+        # Read at trace time, so this compiled function keeps the direct form.
+        saved = model_lib.QUERY_BLOCK, model_lib.NLL_CHUNK
+        model_lib.QUERY_BLOCK = model_lib.NLL_CHUNK = 1 << 30
+        try:
+            return model_lib._token_nll(nnx.merge(graphdef, state), tokens)
+        finally:
+            model_lib.QUERY_BLOCK, model_lib.NLL_CHUNK = saved
+
+    return jax.jit(nll, static_argnums=0)
+
+
+def _time_ours(graphdef, state, batches, token_nll=None) -> tuple[float, float]:
+    if token_nll is None:
+        from jaxprune.model import token_nll
 
     start = time.perf_counter()
     total = 0.0
@@ -73,6 +91,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per implementation")
+    parser.add_argument(
+        "--unblocked", action="store_true", help="also time our direct (unblocked) forward"
+    )
     args = parser.parse_args()
 
     import torch
@@ -106,10 +127,15 @@ def main() -> None:
     # Warm-up: compilation for ours, allocator and kernel selection for torch.
     _, nll_ours = _time_ours(graphdef, state, ours_batches[:1])
     _, nll_torch = _time_torch(hf, torch_batches[:1])
-    ours_s, torch_s = [], []
+    direct = _unblocked_nll() if args.unblocked else None
+    if direct is not None:
+        _time_ours(graphdef, state, ours_batches[:1], direct)
+    ours_s, torch_s, direct_s = [], [], []
     for _ in range(args.repeats):
         ours_s.append(_time_ours(graphdef, state, ours_batches)[0])
         torch_s.append(_time_torch(hf, torch_batches)[0])
+        if direct is not None:
+            direct_s.append(_time_ours(graphdef, state, ours_batches, direct)[0])
 
     ours_tps = tokens / statistics.median(ours_s)
     torch_tps = tokens / statistics.median(torch_s)
@@ -129,6 +155,10 @@ def main() -> None:
     ):
         print(f"{name:22s} {tps:10.1f} tokens/s  (median {statistics.median(times):.3f} s)")
     print(f"ratio jaxprune / transformers: {ours_tps / torch_tps:.2f}")
+    if direct_s:
+        direct_tps = tokens / statistics.median(direct_s)
+        print(f"{'jaxprune unblocked':22s} {direct_tps:10.1f} tokens/s")
+        print(f"ratio blocked / unblocked: {ours_tps / direct_tps:.2f}")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ def run_job(
         layers=report["layers"],
         device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         calibration_tokens=int(sum(np.asarray(c).size for c in calib)),
+        group=cfg.group_or_default,
         run_dir=str(run_dir),
         files=["metrics.json", resume.RUN_FILE, *files],
         warnings=warnings,

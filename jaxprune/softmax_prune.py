@@ -5,17 +5,18 @@ Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
   * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
     lambda fits every layer (``normalize``);
   * start from ``M = 1`` (the paper) or from Wanda's ordering as quantile ranks in ``[0, 1]``
-    (``init``), ranked within the same comparison group as the rounding (``group``: per output
-    by default, as Wanda compares);
+    (``init``), ranked within the same comparison group as the rounding (``group``: per matrix
+    by default, the best full-protocol row; per output, as Wanda compares, with ``"output"``);
   * with ``normalize`` the regulariser is the mean of ``M^2`` (``||M||^2`` over its entry count);
   * lambda fixed, or chosen per layer as the grid value whose short solve leaves the relaxed
     mask's mean closest to the kept fraction (``lam_search``): a larger lambda pushes more entries
     towards zero, and the rounding then removes about the entries the solve already let go;
   * masks are kept in ``[0, 1]`` by projection; Adam by default (the entries' gradient scales are
     very uneven, which makes a single plain-GD step size slow);
-  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``, per output (``group``
-    ``"output"``, Wanda's group) or per matrix; ties (entries the projection left at exactly 0
-    or 1) are ordered by Wanda's score as a second sort key (``tiebreak``), then by index;
+  * rounding by the mask itself (``score="mask"``) or by ``|M ∘ W|``, per matrix (``group``
+    ``"matrix"``, the default) or per output (Wanda's group); ties (entries the projection left at
+    exactly 0 or 1) are ordered by Wanda's score as a second sort key (``tiebreak``), then by
+    index;
   * optional weight update on the kept entries after rounding (``update``): SparseGPT's linear
     reconstruction, or ``softmax``: Adam on the kept q/k entries against the same attention term
     (:func:`reconstruct_qk_softmax`).

@@ -83,11 +83,29 @@ def _same_settings(stored: dict, current: dict) -> bool:
     return set(stored) <= set(current)
 
 
+# The comparison group that an unset `group` meant when a row ran, for rows whose metrics.json
+# predates the `group` entry (the softmax-aware default was "output" until it became "matrix").
+_EARLIER_DEFAULT_GROUP = {"softmax": "output"}
+
+
+def _measured_group(metrics: dict) -> str | None:
+    """The comparison group a stored row actually used."""
+    if "group" in metrics:
+        return metrics["group"]
+    config = metrics.get("config", {})
+    if config.get("group") is not None:
+        return config["group"]
+    method = config.get("method", "dense")
+    return _EARLIER_DEFAULT_GROUP.get(method, PruneConfig(method=method).group_or_default)
+
+
 def _reusable(out: Path, cfg: PruneConfig) -> dict | None:
-    current = json.loads(json.dumps(to_dict(cfg)))
+    # The group is compared as used (an unset group means the method's default of its time).
+    current = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k != "group"}
     for path in sorted((out / "runs").glob("*/metrics.json"), reverse=True):
         metrics = json.loads(path.read_text())
-        if _same_settings(metrics.get("config", {}), current):
+        stored = {k: v for k, v in metrics.get("config", {}).items() if k != "group"}
+        if _same_settings(stored, current) and _measured_group(metrics) == cfg.group_or_default:
             return metrics
     return None
 
