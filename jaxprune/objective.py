@@ -138,6 +138,14 @@ def _split_heads(w: jax.Array, n: int, head_dim: int) -> jax.Array:
     return w.reshape(d, n, head_dim).transpose(1, 0, 2)
 
 
+def _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope):
+    # Keys are projected once per key/value head, then shared by the query heads of its group.
+    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
+    if rope is not None:
+        keys = apply_rope(keys, *rope)
+    return keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+
+
 def qk_layer_probs(
     wq: Float[Array, "d hdh"],
     wk: Float[Array, "d gdh"],
@@ -170,15 +178,12 @@ def qk_layer_probs(
     x = _batched(x)
     head_dim = wq.shape[1] // n_heads
     q_heads = _split_heads(wq, n_heads, head_dim)
-    # Keys are projected once per key/value head, then shared by the query heads of its group.
-    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
     rope = None
     if rope_theta is not None:
         rope = rope_cos_sin(
             jnp.arange(x.shape[1]), head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling
         )
-        keys = apply_rope(keys, *rope)
-    keys = keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    keys = _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope)
     head_fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=query_idx)
     return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, keys)
 
@@ -231,13 +236,6 @@ def qk_pruning_loss(
     attn = 0.5 * jnp.sum(jnp.mean(jnp.sum(diff * diff, axis=(-2, -1)), axis=1)) / attn_scale
     reg = 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks)) / reg_scale
     return attn + reg, {"attention": attn, "reg": reg}
-
-
-def _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope):
-    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
-    if rope is not None:
-        keys = apply_rope(keys, *rope)
-    return keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
 
 
 def qk_attention_term_blocked(
