@@ -140,10 +140,15 @@ def _split_heads(w: jax.Array, n: int, head_dim: int) -> jax.Array:
 
 def _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope):
     # Keys are projected once per key/value head, then shared by the query heads of its group.
+    # A broadcast, not a gather by index: with the heads split over devices by key/value group
+    # (jaxprune.sharding) XLA sees that every query head's keys are local, with no all-gather.
     keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
     if rope is not None:
         keys = apply_rope(keys, *rope)
-    return keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    rep = n_heads // n_kv_heads
+    return jnp.broadcast_to(keys[:, None], (n_kv_heads, rep, *keys.shape[1:])).reshape(
+        n_heads, *keys.shape[1:]
+    )
 
 
 def qk_layer_probs(
