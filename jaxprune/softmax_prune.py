@@ -58,30 +58,40 @@ def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scali
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
+def mask_loss(m, w, x, target, scale, lam, *, n_entries, query_idx, row_block, shape_kw):
+    """The mask solve's loss of one layer, ``(loss, aux)``: the attention term over ``scale``
+    plus ``lam/2`` times the sum of ``M^2`` over ``n_entries`` (the direct form with the dense
+    ``target``, or the row-blocked form when ``row_block`` is set)."""
+    if row_block is not None:
+        attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
+        reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
+        return attn + reg, {"attention": attn, "reg": reg}
+    return qk_pruning_loss(
+        m,
+        w,
+        x,
+        lam=lam,
+        target=target,
+        attn_scale=scale,
+        reg_scale=n_entries,
+        query_idx=query_idx,
+        **shape_kw,
+    )
+
+
 @functools.cache
 def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
     """The mask solve's loss ``(masks, (weights, x, target, scale)) -> (loss, aux)``, one object
     per setting so that the solver's compilations are shared by every layer."""
-    shape_kw = dict(shape)
-    idx = None if query_idx is None else jnp.asarray(query_idx)
+    kw = dict(
+        n_entries=n_entries,
+        query_idx=None if query_idx is None else jnp.asarray(query_idx),
+        row_block=row_block,
+        shape_kw=dict(shape),
+    )
 
     def loss_fn(m, data):
-        w, xx, t, s = data
-        if row_block is not None:
-            attn = _blocked_term(m, w, xx, row_block, shape_kw)[0] / s
-            reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
-            return attn + reg, {"attention": attn, "reg": reg}
-        return qk_pruning_loss(
-            m,
-            w,
-            xx,
-            lam=lam,
-            target=t,
-            attn_scale=s,
-            reg_scale=n_entries,
-            query_idx=idx,
-            **shape_kw,
-        )
+        return mask_loss(m, *data, lam, **kw)
 
     return loss_fn
 
