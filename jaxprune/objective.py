@@ -208,8 +208,11 @@ def qk_pruning_loss(
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
     rope_scaling: Llama3RopeScaling | None = None,
+    values: tuple[Float[Array, "h b n dh"], Float[Array, "h dh d"]] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
-    """Factored loss of one layer: ``sum_h 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``.
+    """Factored loss of one layer: ``sum_h 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``,
+    or, with ``values``, the output form ``1/2 ||sum_h (P_h(M) - P_h) V_h O_h||^2 / attn_scale +
+    lam/2 ||M||^2`` (the change of the attention block's output, see :func:`attention_output`).
 
     Args:
       masks: ``{"q": (d, h*dh), "k": (d, g*dh)}`` relaxed masks.
@@ -222,6 +225,8 @@ def qk_pruning_loss(
         avoid recomputing them every step.
       attn_scale: divides the attention term (e.g. its dense scale, so one ``lam`` fits all layers).
       reg_scale: divides the regulariser (e.g. the number of mask entries).
+      values: ``(V, O)`` from :func:`head_values` to measure the change of the block's output
+        instead of the probabilities' (``None``: the paper's probability term).
 
     Returns:
       ``(loss, {"attention": attention term, "reg": regulariser})``.
@@ -238,9 +243,47 @@ def qk_pruning_loss(
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     probs = qk_layer_probs(masks["q"] * weights["q"], masks["k"] * weights["k"], x, **kw)
     diff = probs - jax.lax.stop_gradient(target)
-    attn = 0.5 * jnp.sum(jnp.mean(jnp.sum(diff * diff, axis=(-2, -1)), axis=1)) / attn_scale
+    if values is None:
+        attn = 0.5 * jnp.sum(jnp.mean(jnp.sum(diff * diff, axis=(-2, -1)), axis=1)) / attn_scale
+    else:
+        out = attention_output(diff, *values)
+        attn = 0.5 * jnp.mean(jnp.sum(out * out, axis=(-2, -1))) / attn_scale
     reg = 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks)) / reg_scale
     return attn + reg, {"attention": attn, "reg": reg}
+
+
+def head_values(
+    wv: Float[Array, "d gdh"],
+    wo: Float[Array, "hdh d"],
+    x: Float[Array, "*b n d"],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+) -> tuple[Float[Array, "h b n dh"], Float[Array, "h dh d"]]:
+    """The dense values of every query head (``x @ W_V``, shared within each key/value group) and
+    the output projection split by head, for the output form of :func:`qk_pruning_loss`.
+
+    Args:
+      wv: value projection ``(d, g*dh)``; wo: output projection ``(h*dh, d)`` (input-major).
+      x: attention input ``(n, d)`` or ``(b, n, d)``.
+      n_heads, n_kv_heads: ``h`` and ``g``.
+
+    Returns:
+      ``(V, O)``: ``(h, b, n, dh)`` values and ``(h, dh, d)`` output rows.
+    """
+    x = _batched(x)
+    head_dim = wo.shape[0] // n_heads
+    v = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wv, n_kv_heads, head_dim))
+    v = v[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    return v, wo.reshape(n_heads, head_dim, wo.shape[1])
+
+
+def attention_output(
+    probs: Float[Array, "h b r n"], v: Float[Array, "h b n dh"], o: Float[Array, "h dh d"]
+) -> Float[Array, "b r d"]:
+    """``sum_h P_h V_h O_h``: the attention block's output (before the residual) for per-head
+    probabilities, or its change for a change of the probabilities (it is linear in them)."""
+    return jnp.einsum("hbrk,hkd->brd", jnp.einsum("hbrn,hbnk->hbrk", probs, v), o)
 
 
 def qk_attention_term_blocked(

@@ -33,7 +33,7 @@ from jaxprune.errors import ModelError, ResumeError
 from jaxprune.masks import parse_nm
 from jaxprune.model import Llama, LlamaConfig, projection_kernels
 from jaxprune.softmax_layers import prune_qk_softmax_layers
-from jaxprune.softmax_prune import attention_error, prune_qk_softmax
+from jaxprune.softmax_prune import attention_error, output_error, prune_qk_softmax
 from jaxprune.solvers import SolveDivergedError
 
 METHODS = ("dense", *BASELINES, "softmax")
@@ -114,6 +114,9 @@ class PruneConfig:
     # Softmax-aware: after rounding, update the kept q/k weights: none, sparsegpt (its linear
     # reconstruction) or softmax (Adam on the same attention loss, the mask fixed).
     update: str = field(default="none", metadata={"choices": ("none", "sparsegpt", "softmax")})
+    # Softmax-aware: what the attention term compares, probs (the paper's: each head's attention
+    # probabilities) or output (the attention block's output sum_h P_h V_h O_h, dense V and O).
+    term: str = field(default="probs", metadata={"choices": ("probs", "output")})
     # Softmax-aware: compute the attention term over blocks of this many query rows (memory
     # linear in softmax_seq_len, the same loss; None: the direct form, faster at short lengths).
     row_block: int | None = field(default=None, metadata={"range": (1, 32768)})
@@ -375,6 +378,7 @@ def prune_model(
             held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
             continue
         dense_qk = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k")}
+        dense_attn = dense_qk | {k: jnp.asarray(kernels[k][...]) for k in ("v", "o")}
         info: dict[str, Any] = {"layer": li}
         if li in pruned:
             stats, soft_x = calibrated.pop(li, None) or _calibrate(
@@ -391,6 +395,7 @@ def prune_model(
                         x,
                         stats["attn_in"],
                         cfg,
+                        value_weights={k: jnp.asarray(kernels[k][...]) for k in ("v", "o")},
                         progress=cfg.progress,
                         desc=f"layer {li} softmax",
                         **shape_kw,
@@ -433,7 +438,7 @@ def prune_model(
             graphdef, state = nnx.split(layer)
             info["sparsity"] = {n: float(1.0 - jnp.mean(masks[li][n])) for n in targets}
         if held:
-            errs = []
+            errs, out_errs = [], []
             for h in held:
                 x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))[
                     "attn_in"
@@ -450,7 +455,10 @@ def prune_model(
                         )
                     )
                 )
+                now = {k: kernels[k][...] for k in ("q", "k", "v", "o")}
+                out_errs.append(float(output_error(dense_attn, now, x, **shape_kw)))
             info["heldout_attention_error"] = float(np.mean(errs))
+            info["heldout_output_error"] = float(np.mean(out_errs))
         if store is not None and li in pruned:
             store.save(li, masks[li], {n: kernels[n][...] for n in targets}, info)
         hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
@@ -511,6 +519,7 @@ def _independent_layers(model, hs, rope, todo, names, cfg, longest, update, shap
             [_stack_prefixes(calibrated[li][1], cfg.softmax_seq_len) for li in todo],
             [calibrated[li][0]["attn_in"] for li in todo],
             cfg,
+            value_weights=[{k: jnp.asarray(kern[k][...]) for k in ("v", "o")} for kern in kernels],
             progress=cfg.progress,
             desc=f"layers {todo[0]}-{todo[-1]} softmax",
             **shape_kw,

@@ -79,9 +79,10 @@ def solve_mesh(n_kv_heads: int, n_layers: int = 1, devices=None) -> Mesh | None:
 
 
 def _spec(kind: str, stacked: bool) -> P:
-    # q/k masks and kernels (d, heads*dh): columns by head; the target (h, b, r, n): by head;
-    # the inputs and scalars are replicated over heads.
-    per_layer = {"kernel": (None, HEADS), "target": (HEADS,), "inputs": (), "scalar": ()}[kind]
+    # q/k masks and kernels (d, heads*dh): columns by head; the target (h, b, r, n) and the
+    # output form's values (h, b, n, dh) and output rows (h, dh, d): by head; the inputs and
+    # scalars are replicated over heads.
+    per_layer = {"kernel": (None, HEADS), "heads": (HEADS,), "inputs": (), "scalar": ()}[kind]
     return P(*((LAYERS,) if stacked else ()), *per_layer)
 
 
@@ -91,9 +92,10 @@ def place_qk_solve(mesh: Mesh | None, init, data, *, stacked: bool = False):
     Args:
       mesh: from :func:`solve_mesh`; ``None`` returns the arguments unchanged.
       init: masks ``{"q": (d, h*dh), "k": (d, g*dh)}``.
-      data: ``(weights, x, target, scale, *scalars)``: kernels shaped like ``init``, inputs
-        ``(b, n, d)``, dense probabilities ``(h, b, r, n)`` or ``None``, the attention scale and
-        any further per-layer scalars (such as lambda).
+      data: ``(weights, x, target, scale, values, *scalars)``: kernels shaped like ``init``,
+        inputs ``(b, n, d)``, dense probabilities ``(h, b, r, n)`` or ``None``, the attention
+        scale, the output form's ``(V, O)`` or ``None``, and any further per-layer scalars (such
+        as lambda).
       stacked: every array has a leading layer axis (split over ``"layers"``).
 
     Returns:
@@ -101,7 +103,7 @@ def place_qk_solve(mesh: Mesh | None, init, data, *, stacked: bool = False):
     """
     if mesh is None:
         return init, data
-    weights, x, target, *scalars = data
+    weights, x, target, scale, values, *scalars = data
 
     def put(tree, kind):
         sharding = NamedSharding(mesh, _spec(kind, stacked))
@@ -110,7 +112,9 @@ def place_qk_solve(mesh: Mesh | None, init, data, *, stacked: bool = False):
     placed = (
         put(weights, "kernel"),
         put(x, "inputs"),
-        None if target is None else put(target, "target"),
+        None if target is None else put(target, "heads"),
+        put(scale, "scalar"),
+        None if values is None else put(values, "heads"),
         *(put(s, "scalar") for s in scalars),
     )
     return put(init, "kernel"), placed

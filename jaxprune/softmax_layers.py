@@ -43,9 +43,10 @@ _HOST_BUDGET_BYTES = 4 << 30
 
 @functools.cache
 def _stacked_loss(*, n_entries, query_idx, row_block, shape):
-    """``(masks, (weights, x, target, scale, lam)) -> (loss, aux)`` with a leading layer axis on
-    every array: the one-layer loss ``vmap``-ed over layers and summed (one object per setting,
-    so every batch reuses the solver's compilations). ``per_layer`` gives the unsummed losses."""
+    """``(masks, (weights, x, target, scale, values, lam)) -> (loss, aux)``, every array with a
+    leading layer axis: the one-layer loss ``vmap``-ed over layers and summed (one object per
+    setting, so every batch reuses the solver's compilations). ``per_layer`` gives the unsummed
+    losses."""
     kw = dict(
         n_entries=n_entries,
         query_idx=None if query_idx is None else jnp.asarray(query_idx),
@@ -88,6 +89,7 @@ def prune_qk_softmax_layers(
     n_kv_heads,
     rope_theta,
     rope_scaling=None,
+    value_weights=None,
     devices=None,
     max_layers=None,
     progress=True,
@@ -101,6 +103,7 @@ def prune_qk_softmax_layers(
       stats: each layer's ``InputStats`` of its attention input.
       cfg: a ``PruneConfig``.
       n_heads, n_kv_heads, rope_theta, rope_scaling: the layers' attention shape.
+      value_weights: one ``{"v", "o"}`` dict of dense kernels per layer (``term="output"``).
       devices: the devices to spread the layers over (default :func:`sharding.solve_devices`).
       max_layers: most layers per batch (default :func:`layers_per_batch`, from memory).
       progress, desc: the solver's progress bar.
@@ -114,12 +117,12 @@ def prune_qk_softmax_layers(
     shape_kw = dict(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
+    values = value_weights or [None] * len(weights)
+    layers = list(zip(weights, xs, stats, values, strict=True))
     one = partial(prune_qk_softmax, cfg=cfg, progress=progress, desc=desc, **shape_kw)
     if cfg.optimizer == "gd" or len({x.shape for x in xs}) > 1:
-        return [one(w, x, s) for w, x, s in zip(weights, xs, stats, strict=True)]
-    setups = [
-        solve_setup(w, x, s, cfg, shape_kw) for w, x, s in zip(weights, xs, stats, strict=True)
-    ]
+        return [one(w, x, s, value_weights=v) for w, x, s, v in layers]
+    setups = [solve_setup(w, x, s, cfg, shape_kw, v) for w, x, s, v in layers]
     devices = sharding.solve_devices() if devices is None else list(devices)
     mesh = sharding.solve_mesh(n_kv_heads, len(setups), devices)
     split = 1 if mesh is None else mesh.shape[sharding.LAYERS]
@@ -152,7 +155,7 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
         shape=tuple(sorted(shape_kw.items())),
     )
     init = _stack([s.init for s in padded])
-    weights, x, target, scale = (
+    weights, x, target, scale, values = (
         _stack(part) if part[0] is not None else None
         for part in zip(*(s.data for s in padded), strict=True)
     )
@@ -160,7 +163,7 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
     def solve(lams, steps, label):
         lam = jnp.asarray(lams, scale.dtype)
         m, data = sharding.place_qk_solve(
-            mesh, init, (weights, x, target, scale, lam), stacked=True
+            mesh, init, (weights, x, target, scale, values, lam), stacked=True
         )
         res = solve_masks(
             loss_fn, m, data=data, steps=steps, progress=progress, desc=label, **solve_options(cfg)

@@ -36,7 +36,13 @@ import numpy as np
 from jaxprune import sharding
 from jaxprune.baselines import InputStats, sparsegpt_reconstruct, wanda_scores
 from jaxprune.masks import binarize, mask_scores
-from jaxprune.objective import qk_attention_term_blocked, qk_layer_probs, qk_pruning_loss
+from jaxprune.objective import (
+    attention_output,
+    head_values,
+    qk_attention_term_blocked,
+    qk_layer_probs,
+    qk_pruning_loss,
+)
 from jaxprune.solvers import solve_masks
 
 
@@ -58,10 +64,11 @@ def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scali
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
-def mask_loss(m, w, x, target, scale, lam, *, n_entries, query_idx, row_block, shape_kw):
+def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_block, shape_kw):
     """The mask solve's loss of one layer, ``(loss, aux)``: the attention term over ``scale``
     plus ``lam/2`` times the sum of ``M^2`` over ``n_entries`` (the direct form with the dense
-    ``target``, or the row-blocked form when ``row_block`` is set)."""
+    ``target``, the output form with ``values``, or the row-blocked form when ``row_block`` is
+    set)."""
     if row_block is not None:
         attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
         reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
@@ -75,13 +82,15 @@ def mask_loss(m, w, x, target, scale, lam, *, n_entries, query_idx, row_block, s
         attn_scale=scale,
         reg_scale=n_entries,
         query_idx=query_idx,
+        values=values,
         **shape_kw,
     )
 
 
 @functools.cache
 def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
-    """The mask solve's loss ``(masks, (weights, x, target, scale)) -> (loss, aux)``, one object
+    """The mask solve's loss ``(masks, (weights, x, target, scale, values)) -> (loss, aux)``, one
+    object
     per setting so that the solver's compilations are shared by every layer."""
     kw = dict(
         n_entries=n_entries,
@@ -103,10 +112,10 @@ def _update_loss(query_idx, shape):
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
     def loss_fn(u, data):
-        w, kf, s, xx, t, sc = data
+        w, kf, s, xx, t, sc, vals = data
         moved = {k: w[k] + s[k] * u[k] for k in w}
         return qk_pruning_loss(
-            kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=idx, **shape_kw
+            kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=idx, values=vals, **shape_kw
         )
 
     return loss_fn
@@ -129,6 +138,34 @@ def attention_error(
     new = qk_layer_probs(wq_new, wk_new, x, **kw)
     num = jnp.sqrt(jnp.sum((new - dense) ** 2, axis=(-2, -1)))
     return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
+
+
+@jax.jit
+def _output_scale(target, values):
+    out = attention_output(target, *values)
+    return 0.5 * jnp.mean(jnp.sum(out * out, axis=(-2, -1)))
+
+
+@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
+def output_error(dense, new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None):
+    """``||O(new) - O||_F / ||O||_F`` of the attention block's output ``O = sum_h P_h V_h O_h``
+    (before the residual), averaged over sequences.
+
+    Args:
+      dense, new: ``{"q", "k", "v", "o"}`` kernels (input-major) before and after pruning.
+      x: attention input ``(b, n, d)``.
+      n_heads, n_kv_heads, rope_theta, rope_scaling: the layer's attention shape.
+    """
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads)
+    rkw = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, **kw)
+
+    def out(w):
+        probs = qk_layer_probs(w["q"], w["k"], x, **rkw)
+        return attention_output(probs, *head_values(w["v"], w["o"], x, **kw))
+
+    ref = out(dense)
+    num = jnp.sqrt(jnp.sum((out(new) - ref) ** 2, axis=(-2, -1)))
+    return jnp.mean(num / jnp.sqrt(jnp.sum(ref * ref, axis=(-2, -1))))
 
 
 def wanda_ranks(w, stats: InputStats, group: str = "output"):
@@ -154,6 +191,7 @@ def prune_qk_softmax(
     n_kv_heads,
     rope_theta,
     rope_scaling=None,
+    value_weights=None,
     progress=True,
     desc="softmax",
 ):
@@ -166,6 +204,7 @@ def prune_qk_softmax(
       cfg: a ``PruneConfig``.
       n_heads, n_kv_heads, rope_theta: the layer's attention shape.
       rope_scaling: the model's Llama 3 RoPE scaling (``LlamaConfig.rope_scaling``) or ``None``.
+      value_weights: ``{"v", "o"}`` dense kernels of the layer, needed by ``term="output"``.
       progress: show the solver's progress bar.
       desc: progress-bar label.
 
@@ -177,7 +216,7 @@ def prune_qk_softmax(
     shape_kw = dict(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
-    setup = solve_setup(weights, x, stats, cfg, shape_kw)
+    setup = solve_setup(weights, x, stats, cfg, shape_kw, value_weights)
     # One loss function object per setting (cached), so every layer reuses the compiled solver.
     loss_of = partial(
         _mask_loss,
@@ -227,8 +266,8 @@ class SolveSetup:
 
     Attributes:
       init: the start masks, shaped like the kernels.
-      data: ``(weights, x, target, scale)``, the data of the solve's loss (``target`` is ``None``
-        for the row-blocked term).
+      data: ``(weights, x, target, scale, values)``, the data of the solve's loss (``target`` is
+        ``None`` for the row-blocked term, ``values`` the output form's ``(V, O)`` or ``None``).
       query_idx: the sampled query rows (a tuple) or ``None`` for all.
       n_entries: the regulariser's divisor (the mask entry count with ``normalize``, else 1).
     """
@@ -239,7 +278,7 @@ class SolveSetup:
     n_entries: float
 
 
-def solve_setup(weights, x, stats, cfg, shape_kw) -> SolveSetup:
+def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSetup:
     """The start point and loss data of one layer's mask solve (arguments as in
     :func:`prune_qk_softmax`; ``shape_kw`` holds the layer's attention shape)."""
     n = x.shape[1]
@@ -252,6 +291,19 @@ def solve_setup(weights, x, stats, cfg, shape_kw) -> SolveSetup:
         raise ValueError("row_block and query_rows exclude each other: set one of them.")
     if blocked and cfg.update == "softmax":
         raise ValueError("update=softmax needs the direct attention term: unset row_block.")
+    if blocked and cfg.term == "output":
+        raise ValueError("term=output needs the direct attention term: unset row_block.")
+    values = None
+    if cfg.term == "output":
+        if value_weights is None:
+            raise ValueError("term=output needs the layer's v and o kernels (value_weights).")
+        values = head_values(
+            value_weights["v"],
+            value_weights["o"],
+            x,
+            n_heads=shape_kw["n_heads"],
+            n_kv_heads=shape_kw["n_kv_heads"],
+        )
     if blocked:
         # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
         ones = {k: jnp.ones_like(w) for k, w in weights.items()}
@@ -261,6 +313,8 @@ def solve_setup(weights, x, stats, cfg, shape_kw) -> SolveSetup:
         target, dense_scale = _target(
             weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw
         )
+    if values is not None:
+        dense_scale = _output_scale(target, values)
     scale = dense_scale if cfg.normalize else jnp.ones(())
 
     # With normalize, the attention term is relative to its dense value and the regulariser is
@@ -272,7 +326,7 @@ def solve_setup(weights, x, stats, cfg, shape_kw) -> SolveSetup:
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
-    return SolveSetup(init, (weights, x, target, scale), query_idx, n_entries)
+    return SolveSetup(init, (weights, x, target, scale, values), query_idx, n_entries)
 
 
 def solve_options(cfg) -> dict:
@@ -317,7 +371,7 @@ def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress
         )
     update_info = {}
     if cfg.update == "softmax":
-        _, _, target, scale = setup.data
+        _, _, target, scale, values = setup.data
         new, update_info = reconstruct_qk_softmax(
             weights,
             keep,
@@ -325,6 +379,7 @@ def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress
             target=target,
             attn_scale=scale,
             query_idx=setup.query_idx,
+            values=values,
             steps=cfg.update_steps,
             lr=cfg.update_lr,
             progress=progress,
@@ -348,6 +403,7 @@ def reconstruct_qk_softmax(
     rope_theta,
     rope_scaling=None,
     query_idx=None,
+    values=None,
     progress=True,
     desc="update",
 ):
@@ -365,8 +421,8 @@ def reconstruct_qk_softmax(
       attn_scale: the attention term's divisor (its dense scale with ``normalize``).
       steps: Adam steps.
       lr: Adam learning rate on ``U`` (relative to the weight RMS).
-      n_heads, n_kv_heads, rope_theta, rope_scaling, query_idx: the layer's attention shape, as
-        in :func:`jaxprune.objective.qk_pruning_loss`.
+      n_heads, n_kv_heads, rope_theta, rope_scaling, query_idx, values: the layer's attention
+        shape and the output form's values, as in :func:`jaxprune.objective.qk_pruning_loss`.
       progress, desc: the solver's progress bar.
 
     Returns:
@@ -382,7 +438,7 @@ def reconstruct_qk_softmax(
         _update_loss(query_idx, tuple(sorted(shape_kw.items()))),
         {k: jnp.zeros_like(w) for k, w in weights.items()},
         steps=steps,
-        data=(weights, keep_f, rms, x, target, attn_scale),
+        data=(weights, keep_f, rms, x, target, attn_scale, values),
         optimizer="adam",
         step_size=lr,
         project=False,

@@ -97,7 +97,7 @@ def test_a_key_head_and_its_query_heads_share_a_device():
     weights, x, stats = layer_problem(0)
     setup = solve_setup(weights, x, stats, CFG, SHAPE)
     mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
-    init, (w, xx, target, _) = sharding.place_qk_solve(mesh, setup.init, setup.data)
+    init, (w, xx, target, _, _) = sharding.place_qk_solve(mesh, setup.init, setup.data)
     assert w["q"].sharding.spec == P(None, "heads") and target.sharding.spec == P("heads")
     per_device = {}
     for name, arr, axis, width in [
@@ -141,15 +141,20 @@ def test_heads_sharded_step_communicates_only_scalars(row_block):
         assert all(dims == "" for dims in re.findall(r"f32\[([^\]]*)\]", shapes)), shapes
 
 
-@pytest.mark.parametrize("row_block", [None, 8])
-def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block):
+@pytest.mark.parametrize("row_block,term", [(None, "probs"), (8, "probs"), (None, "output")])
+def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term):
     weights, x, stats = layer_problem(1)
-    cfg = dataclasses.replace(CFG, row_block=row_block)
+    rng = np.random.default_rng(2)
+    values = {
+        "v": jnp.asarray(rng.normal(size=(D, G * DH)) / np.sqrt(D), jnp.float32),
+        "o": jnp.asarray(rng.normal(size=(H * DH, D)) / np.sqrt(H * DH), jnp.float32),
+    }
+    cfg = dataclasses.replace(CFG, row_block=row_block, term=term)
     seen = recording(softmax_prune, monkeypatch)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
-    ref = prune_qk_softmax(weights, x, stats, cfg, **SHAPE)
+    ref = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "2")
-    out = prune_qk_softmax(weights, x, stats, cfg, **SHAPE)
+    out = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
     assert len(seen[0].device_set) == 1
     assert len(seen[1].device_set) == 2 and seen[1].spec == P(None, "heads")
     assert_same_results([ref], [out])
