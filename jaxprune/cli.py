@@ -67,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(name: str, fn, args: argparse.Namespace) -> int:
     """Runs ``fn(args)``; a user error becomes one line on stderr and exit status 2."""
     from jaxprune.errors import is_user_error, one_line
+    from jaxprune.sharding import maybe_initialize
 
     try:
+        # $JAXPRUNE_DISTRIBUTED=1: each process of a multi-host run joins the others before JAX
+        # picks its devices (jaxprune.sharding).
+        maybe_initialize()
         return fn(args)
     except KeyboardInterrupt as err:
         if getattr(args, "debug", False):

@@ -263,6 +263,7 @@ def run_job(
         device_peak_bytes=report.get("device_peak_bytes"),
         layers=report["layers"],
         device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        device_count=jax.device_count(),
         calibration_tokens=int(sum(np.asarray(c).size for c in calib)),
         group=cfg.group_or_default,
         run_dir=str(run_dir),

@@ -138,12 +138,25 @@ def _split_heads(w: jax.Array, n: int, head_dim: int) -> jax.Array:
     return w.reshape(d, n, head_dim).transpose(1, 0, 2)
 
 
+def _per_query_head(a: jax.Array, n_heads: int, n_kv_heads: int) -> jax.Array:
+    """``(g, ...) -> (h, ...)``: each key/value head's array for every query head of its group.
+
+    A broadcast, not a gather by index: with the heads split over devices by key/value group
+    (:mod:`jaxprune.sharding`) XLA sees that every query head's keys and values are local, with
+    no all-gather.
+    """
+    rep = n_heads // n_kv_heads
+    return jnp.broadcast_to(a[:, None], (n_kv_heads, rep, *a.shape[1:])).reshape(
+        n_heads, *a.shape[1:]
+    )
+
+
 def _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope):
     # Keys are projected once per key/value head, then shared by the query heads of its group.
     keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
     if rope is not None:
         keys = apply_rope(keys, *rope)
-    return keys[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    return _per_query_head(keys, n_heads, n_kv_heads)
 
 
 def qk_layer_probs(
@@ -269,7 +282,7 @@ def head_values(
     x = _batched(x)
     head_dim = wo.shape[0] // n_heads
     v = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wv, n_kv_heads, head_dim))
-    v = v[jnp.arange(n_heads) // (n_heads // n_kv_heads)]
+    v = _per_query_head(v, n_heads, n_kv_heads)
     return v, wo.reshape(n_heads, head_dim, wo.shape[1])
 
 

@@ -1,5 +1,7 @@
 """Prune a model layer by layer (PROTOCOL.md): calibrate layer l on the inputs that the already
-pruned layers 0..l-1 produce, prune the chosen projections, move on.
+pruned layers 0..l-1 produce, prune the chosen projections, move on. With ``layer_inputs: dense``
+every layer is calibrated on the dense model's inputs instead (one dense forward captures them
+all), and the softmax-aware solves of the layers run together (:mod:`jaxprune.softmax_layers`).
 
 Memory is bounded by one layer's activations for the calibration set: the residual stream of
 every calibration chunk is kept (``N x T x d``), and the wider captures of a layer (``o_in``,
@@ -30,6 +32,7 @@ from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.errors import ModelError, ResumeError
 from jaxprune.masks import parse_nm
 from jaxprune.model import Llama, LlamaConfig, projection_kernels
+from jaxprune.softmax_layers import prune_qk_softmax_layers
 from jaxprune.softmax_prune import attention_error, output_error, prune_qk_softmax
 from jaxprune.solvers import SolveDivergedError
 
@@ -123,6 +126,10 @@ class PruneConfig:
     update_lr: float = field(default=0.01, metadata={"range": (0.0, None)})
     # Prune only these layer indices (None: every layer), for ablations and quick looks.
     layers: tuple[int, ...] | None = None
+    # Inputs each layer is calibrated on: sequential (those the already pruned layers produce,
+    # the protocol) or dense (the dense model's: the layers' solves are independent, so they run
+    # together, vmapped over layers and split over the devices).
+    layer_inputs: str = field(default="sequential", metadata={"choices": ("sequential", "dense")})
     # Held-out sequences (C4 evaluation documents) for the per-layer attention error.
     heldout_samples: int = field(default=2, metadata={"range": (0, 256)})
     # Evaluation sets: wikitext2, c4 (the standard protocol) and/or c4-paper; [] skips evaluation.
@@ -336,6 +343,14 @@ def prune_model(
             f"the saved layers {sorted(done)} in {store.directory} are not the first of the "
             f"layers this run prunes ({pruned}); the run folder is mixed up, start a new run."
         )
+    names = tuple(sorted({layerwise.INPUT_OF[t] for t in targets}))
+    calibrated, solved = {}, {}
+    if cfg.layer_inputs == "dense":
+        todo = [li for li in pruned if li not in done]
+        calibrated, solved = _independent_layers(
+            model, hs, rope, todo, names, cfg, longest, update, shape_kw
+        )
+        hs = []  # no layer needs the pruned model's calibration outputs
     bar = tqdm(
         range(c.num_layers),
         desc=f"prune {cfg.method}",
@@ -366,30 +381,16 @@ def prune_model(
         dense_attn = dense_qk | {k: jnp.asarray(kernels[k][...]) for k in ("v", "o")}
         info: dict[str, Any] = {"layer": li}
         if li in pruned:
-            names = tuple(sorted({layerwise.INPUT_OF[t] for t in targets}))
-            stats = {n: None for n in names}
-            soft_x, soft_count = [], 0
-            for h in hs:
-                caps = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), names)
-                for n in names:
-                    stats[n] = update(
-                        stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]), caps[n]
-                    )
-                want = cfg.softmax_samples - soft_count
-                if (
-                    cfg.method == "softmax"
-                    and want > 0
-                    and h.shape[1] >= min(cfg.softmax_seq_len, longest)
-                ):
-                    take = caps["attn_in"][:want, : cfg.softmax_seq_len]
-                    soft_x.append(take)
-                    soft_count += take.shape[0]
+            stats, soft_x = calibrated.pop(li, None) or _calibrate(
+                graphdef, state, hs, rope, names, cfg, longest, update
+            )
             new = {}
             rest = list(targets)
             if cfg.method == "softmax":
                 x = _stack_prefixes(soft_x, cfg.softmax_seq_len)
                 try:
-                    qk_new, keep, soft_info = prune_qk_softmax(
+                    # Independent layers were solved together (before this loop).
+                    qk_new, keep, soft_info = solved.pop(li, None) or prune_qk_softmax(
                         dense_qk,
                         x,
                         stats["attn_in"],
@@ -472,6 +473,60 @@ def prune_model(
         "resumed_layers": sorted(done),
         **_peak_memory_bytes(),
     }
+
+
+def _calibrate(graphdef, state, hs, rope, names, cfg, longest, update):
+    """A layer's input statistics (``{name: InputStats}``) and its softmax-aware attention
+    inputs (a list of ``(b, t, d)`` prefixes) from the calibration chunks' inputs ``hs``."""
+    stats = {n: None for n in names}
+    soft_x, soft_count = [], 0
+    for h in hs:
+        caps = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), names)
+        for n in names:
+            stats[n] = update(
+                stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]), caps[n]
+            )
+        want = cfg.softmax_samples - soft_count
+        if cfg.method == "softmax" and want > 0 and h.shape[1] >= min(cfg.softmax_seq_len, longest):
+            take = caps["attn_in"][:want, : cfg.softmax_seq_len]
+            soft_x.append(take)
+            soft_count += take.shape[0]
+    return stats, soft_x
+
+
+def _independent_layers(model, hs, rope, todo, names, cfg, longest, update, shape_kw):
+    """``layer_inputs: dense``: one forward of the dense model captures the calibration of every
+    layer in ``todo``, and the softmax-aware q/k solves of those layers run together
+    (:func:`jaxprune.softmax_layers.prune_qk_softmax_layers`).
+
+    Returns:
+      ``({layer: (stats, softmax inputs)}, {layer: (new q/k kernels, keep, info)})``, the second
+      empty for the baselines.
+    """
+    calibrated = {}
+    for li in range(max(todo, default=-1) + 1):
+        graphdef, state = nnx.split(model.layers[li])
+        if li in todo:
+            calibrated[li] = _calibrate(graphdef, state, hs, rope, names, cfg, longest, update)
+        if li < max(todo):
+            hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
+    if cfg.method != "softmax" or not todo:
+        return calibrated, {}
+    kernels = [projection_kernels(model.layers[li]) for li in todo]
+    try:
+        results = prune_qk_softmax_layers(
+            [{k: jnp.asarray(kern[k][...]) for k in ("q", "k")} for kern in kernels],
+            [_stack_prefixes(calibrated[li][1], cfg.softmax_seq_len) for li in todo],
+            [calibrated[li][0]["attn_in"] for li in todo],
+            cfg,
+            value_weights=[{k: jnp.asarray(kern[k][...]) for k in ("v", "o")} for kern in kernels],
+            progress=cfg.progress,
+            desc=f"layers {todo[0]}-{todo[-1]} softmax",
+            **shape_kw,
+        )
+    except SolveDivergedError as err:
+        raise _diverged(err, cfg, f"{todo[0]}-{todo[-1]} (solved together)") from err
+    return calibrated, dict(zip(todo, results, strict=True))
 
 
 def _stack_prefixes(xs: list[jax.Array], seq_len: int) -> jax.Array:

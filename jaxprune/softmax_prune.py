@@ -24,6 +24,7 @@ Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from functools import partial
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import sharding
 from jaxprune.baselines import InputStats, sparsegpt_reconstruct, wanda_scores
 from jaxprune.masks import binarize, mask_scores
 from jaxprune.objective import (
@@ -62,31 +64,43 @@ def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scali
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
+def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_block, shape_kw):
+    """The mask solve's loss of one layer, ``(loss, aux)``: the attention term over ``scale``
+    plus ``lam/2`` times the sum of ``M^2`` over ``n_entries`` (the direct form with the dense
+    ``target``, the output form with ``values``, or the row-blocked form when ``row_block`` is
+    set)."""
+    if row_block is not None:
+        attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
+        reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
+        return attn + reg, {"attention": attn, "reg": reg}
+    return qk_pruning_loss(
+        m,
+        w,
+        x,
+        lam=lam,
+        target=target,
+        attn_scale=scale,
+        reg_scale=n_entries,
+        query_idx=query_idx,
+        values=values,
+        **shape_kw,
+    )
+
+
 @functools.cache
 def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
-    """The mask solve's loss ``(masks, (weights, x, target, scale)) -> (loss, aux)``, one object
+    """The mask solve's loss ``(masks, (weights, x, target, scale, values)) -> (loss, aux)``, one
+    object
     per setting so that the solver's compilations are shared by every layer."""
-    shape_kw = dict(shape)
-    idx = None if query_idx is None else jnp.asarray(query_idx)
+    kw = dict(
+        n_entries=n_entries,
+        query_idx=None if query_idx is None else jnp.asarray(query_idx),
+        row_block=row_block,
+        shape_kw=dict(shape),
+    )
 
     def loss_fn(m, data):
-        w, xx, t, s, vals = data
-        if row_block is not None:
-            attn = _blocked_term(m, w, xx, row_block, shape_kw)[0] / s
-            reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
-            return attn + reg, {"attention": attn, "reg": reg}
-        return qk_pruning_loss(
-            m,
-            w,
-            xx,
-            lam=lam,
-            target=t,
-            attn_scale=s,
-            reg_scale=n_entries,
-            query_idx=idx,
-            values=vals,
-            **shape_kw,
-        )
+        return mask_loss(m, *data, lam, **kw)
 
     return loss_fn
 
@@ -199,14 +213,79 @@ def prune_qk_softmax(
       and per-layer facts (lambda, mask mean, losses, seconds).
     """
     start = time.perf_counter()
+    shape_kw = dict(
+        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
+    )
+    setup = solve_setup(weights, x, stats, cfg, shape_kw, value_weights)
+    # One loss function object per setting (cached), so every layer reuses the compiled solver.
+    loss_of = partial(
+        _mask_loss,
+        n_entries=setup.n_entries,
+        query_idx=setup.query_idx,
+        row_block=cfg.row_block,
+        shape=tuple(sorted(shape_kw.items())),
+    )
+    # Several devices: the solve's arrays are split over key/value groups (jaxprune.sharding).
+    mesh = sharding.solve_mesh(n_kv_heads)
+    init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
+    solve_kw = dict(data=data, progress=progress, **solve_options(cfg))
+
+    lam, searched = cfg.lam, {}
+    if cfg.lam_search:
+        for cand in cfg.lam_grid:
+            res = solve_masks(
+                loss_of(lam=cand),
+                init,
+                steps=cfg.search_steps,
+                desc=f"{desc} lam={cand:g}",
+                **solve_kw,
+            )
+            searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
+        lam = min(searched, key=lambda c: abs(searched[c] - keep_fraction(cfg)))
+    res = solve_masks(loss_of(lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
+    masks = res.masks if mesh is None else sharding.gather(res.masks)
+    new, keep, update_info = round_and_update(
+        masks, weights, x, stats, cfg, setup, shape_kw, progress=progress, desc=desc
+    )
+    info = dict(
+        lam=lam,
+        lam_search=searched,
+        mask_mean=float(np.mean([float(jnp.mean(m)) for m in masks.values()])),
+        initial_loss=float(res.history["loss"][0]),
+        final_loss=res.final_loss,
+        final_attention_term=float(res.history["attention"][-1]),
+        solve_seconds=time.perf_counter() - start,
+        **update_info,
+    )
+    return new, keep, info
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveSetup:
+    """What one layer's mask solve starts from (:func:`solve_setup`).
+
+    Attributes:
+      init: the start masks, shaped like the kernels.
+      data: ``(weights, x, target, scale, values)``, the data of the solve's loss (``target`` is
+        ``None`` for the row-blocked term, ``values`` the output form's ``(V, O)`` or ``None``).
+      query_idx: the sampled query rows (a tuple) or ``None`` for all.
+      n_entries: the regulariser's divisor (the mask entry count with ``normalize``, else 1).
+    """
+
+    init: dict
+    data: tuple
+    query_idx: tuple[int, ...] | None
+    n_entries: float
+
+
+def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSetup:
+    """The start point and loss data of one layer's mask solve (arguments as in
+    :func:`prune_qk_softmax`; ``shape_kw`` holds the layer's attention shape)."""
     n = x.shape[1]
     query_idx = None
     if cfg.query_rows and cfg.query_rows < n:
         rng = np.random.default_rng(cfg.seed)
         query_idx = tuple(int(i) for i in np.sort(rng.choice(n, cfg.query_rows, replace=False)))
-    shape_kw = dict(
-        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
-    )
     blocked = cfg.row_block is not None
     if blocked and query_idx is not None:
         raise ValueError("row_block and query_rows exclude each other: set one of them.")
@@ -219,7 +298,11 @@ def prune_qk_softmax(
         if value_weights is None:
             raise ValueError("term=output needs the layer's v and o kernels (value_weights).")
         values = head_values(
-            value_weights["v"], value_weights["o"], x, n_heads=n_heads, n_kv_heads=n_kv_heads
+            value_weights["v"],
+            value_weights["o"],
+            x,
+            n_heads=shape_kw["n_heads"],
+            n_kv_heads=shape_kw["n_kv_heads"],
         )
     if blocked:
         # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
@@ -238,48 +321,40 @@ def prune_qk_softmax(
     # the mean of M^2, so lam trades the two at the same scale in every layer and model.
     n_entries = sum(w.size for w in weights.values()) if cfg.normalize else 1.0
 
-    # One loss function object per setting (cached), so every layer reuses the compiled solver.
-    loss_of = partial(
-        _mask_loss,
-        n_entries=n_entries,
-        query_idx=query_idx,
-        row_block=cfg.row_block,
-        shape=tuple(sorted(shape_kw.items())),
-    )
-
     group = cfg.group_or_default
     if cfg.init == "wanda":
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
-    data = (weights, x, target, scale, values)
-    solve_kw = dict(
-        data=data,
+    return SolveSetup(init, (weights, x, target, scale, values), query_idx, n_entries)
+
+
+def solve_options(cfg) -> dict:
+    """The :func:`jaxprune.solvers.solve_masks` options of the mask solve."""
+    options = dict(
         optimizer=cfg.optimizer,
         step_size=cfg.lr,
         schedule=cfg.schedule,
         project=True,
         chunk_steps=min(cfg.steps, 25),
-        progress=progress,
     )
     if cfg.optimizer == "gd" and cfg.lr <= 0:
-        solve_kw["step_size"] = None
+        options["step_size"] = None
+    return options
 
-    keep_frac = 1.0 - (cfg.sparsity if ":" not in cfg.pattern else _nm_sparsity(cfg.pattern))
-    lam, searched = cfg.lam, {}
-    if cfg.lam_search:
-        for cand in cfg.lam_grid:
-            res = solve_masks(
-                loss_of(lam=cand),
-                init,
-                steps=cfg.search_steps,
-                desc=f"{desc} lam={cand:g}",
-                **solve_kw,
-            )
-            searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
-        lam = min(searched, key=lambda c: abs(searched[c] - keep_frac))
-    res = solve_masks(loss_of(lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
-    masks = res.masks
+
+def keep_fraction(cfg) -> float:
+    """The fraction of entries the rounding keeps."""
+    return 1.0 - (cfg.sparsity if ":" not in cfg.pattern else _nm_sparsity(cfg.pattern))
+
+
+def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress, desc):
+    """Rounds solved masks to the pattern and applies the weight update of ``cfg.update``.
+
+    Returns:
+      ``(new_kernels, keep, update_info)``.
+    """
+    group = cfg.group_or_default
     keep, new = {}, {}
     for k, w in weights.items():
         # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
@@ -296,13 +371,14 @@ def prune_qk_softmax(
         )
     update_info = {}
     if cfg.update == "softmax":
+        _, _, target, scale, values = setup.data
         new, update_info = reconstruct_qk_softmax(
             weights,
             keep,
             x,
             target=target,
             attn_scale=scale,
-            query_idx=query_idx,
+            query_idx=setup.query_idx,
             values=values,
             steps=cfg.update_steps,
             lr=cfg.update_lr,
@@ -310,17 +386,7 @@ def prune_qk_softmax(
             desc=f"{desc} update",
             **shape_kw,
         )
-    info = dict(
-        lam=lam,
-        lam_search=searched,
-        mask_mean=float(np.mean([float(jnp.mean(m)) for m in masks.values()])),
-        initial_loss=float(res.history["loss"][0]),
-        final_loss=res.final_loss,
-        final_attention_term=float(res.history["attention"][-1]),
-        solve_seconds=time.perf_counter() - start,
-        **update_info,
-    )
-    return new, keep, info
+    return new, keep, update_info
 
 
 def reconstruct_qk_softmax(

@@ -1,0 +1,341 @@
+"""The softmax-aware solve spread over devices (``jaxprune.sharding``): key/value groups split over
+a "heads" axis and independent layers over a "layers" axis give the masks of one device, and the
+independent-layer mode runs end to end. ``conftest.py`` gives this process two CPU devices; one
+test forces four in a subprocess (the flag must be set before JAX starts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from tiny_run import TINY_FLAGS, jaxprune, tiny_config, write_tiny_data, write_tiny_model
+
+from jaxprune import sharding, softmax_layers, softmax_prune
+from jaxprune.baselines import init_stats, update_stats
+from jaxprune.model import Llama
+from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
+from jaxprune.softmax_layers import prune_qk_softmax_layers
+from jaxprune.softmax_prune import _mask_loss, prune_qk_softmax, solve_setup
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 2, reason="needs the two CPU devices that tests/conftest.py forces"
+)
+
+# One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
+D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
+SHAPE = dict(n_heads=H, n_kv_heads=G, rope_theta=1e4, rope_scaling=None)
+CFG = PruneConfig(method="softmax", steps=10, progress=False)
+
+
+def layer_problem(seed):
+    """Random q/k kernels (scaled so the attention is far from uniform), inputs and stats."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "q": jnp.asarray(rng.normal(size=(D, H * DH)) * 3 / np.sqrt(D), jnp.float32),
+        "k": jnp.asarray(rng.normal(size=(D, G * DH)) * 3 / np.sqrt(D), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(B, N, D)), jnp.float32)
+    return weights, x, update_stats(init_stats(D), x)
+
+
+def recording(module, monkeypatch):
+    """Wraps ``module.solve_masks`` to record the sharding of each solve's start point."""
+    seen, solve = [], module.solve_masks
+
+    def wrapped(loss_fn, init, **kw):
+        seen.append(init["q"].sharding)
+        return solve(loss_fn, init, **kw)
+
+    monkeypatch.setattr(module, "solve_masks", wrapped)
+    return seen
+
+
+def assert_same_results(ref, out):
+    for (new_a, keep_a, info_a), (new_b, keep_b, info_b) in zip(ref, out, strict=True):
+        for k in ("q", "k"):
+            np.testing.assert_array_equal(np.asarray(keep_a[k]), np.asarray(keep_b[k]))
+            np.testing.assert_allclose(np.asarray(new_a[k]), np.asarray(new_b[k]), rtol=0, atol=0)
+        assert info_b["lam"] == info_a["lam"]
+        assert info_b["initial_loss"] == pytest.approx(info_a["initial_loss"], rel=1e-5)
+        assert info_b["final_loss"] == pytest.approx(info_a["final_loss"], rel=1e-5)
+        assert info_b["mask_mean"] == pytest.approx(info_a["mask_mean"], rel=1e-5)
+
+
+def test_mesh_shapes():
+    two = jax.devices()[:2]
+    assert sharding.solve_mesh(2, 1, two[:1]) is None
+    assert dict(sharding.solve_mesh(2, 1, two).shape) == {"layers": 1, "heads": 2}
+    # Three key/value groups do not split over two devices: no mesh, the one-device path.
+    assert sharding.solve_mesh(3, 1, two) is None
+    # Several layers: every device on the layer axis (no communication at all).
+    assert dict(sharding.solve_mesh(3, 30, two).shape) == {"layers": 2, "heads": 1}
+    assert dict(sharding.solve_mesh(2, 2, two).shape) == {"layers": 2, "heads": 1}
+
+
+def test_devices_limit(monkeypatch):
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
+    assert sharding.solve_devices() == jax.devices()[:1]
+    assert sharding.solve_mesh(G) is None
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "two")
+    with pytest.raises(ValueError, match="JAXPRUNE_DEVICES='two'"):
+        sharding.solve_devices()
+
+
+def test_a_key_head_and_its_query_heads_share_a_device():
+    weights, x, stats = layer_problem(0)
+    setup = solve_setup(weights, x, stats, CFG, SHAPE)
+    mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
+    init, (w, xx, target, _, _) = sharding.place_qk_solve(mesh, setup.init, setup.data)
+    assert w["q"].sharding.spec == P(None, "heads") and target.sharding.spec == P("heads")
+    per_device = {}
+    for name, arr, axis, width in [
+        ("q", w["q"], 1, DH),
+        ("k", w["k"], 1, DH),
+        ("mask", init["q"], 1, DH),
+        ("target", target, 0, 1),
+    ]:
+        for shard in arr.addressable_shards:
+            cut = shard.index[axis]
+            heads = set(range(cut.start // width, cut.stop // width))
+            per_device.setdefault(shard.device, {})[name] = heads
+    assert len(per_device) == 2
+    for heads in per_device.values():
+        assert heads["q"] == heads["mask"] == heads["target"]
+        assert {i // (H // G) for i in heads["q"]} == heads["k"]
+        assert len(heads["k"]) == G // 2
+    assert all(s.data.shape == xx.shape for s in xx.addressable_shards)  # replicated
+
+
+@pytest.mark.parametrize("row_block", [None, 8])
+def test_heads_sharded_step_communicates_only_scalars(row_block):
+    weights, x, stats = layer_problem(0)
+    cfg = dataclasses.replace(CFG, row_block=row_block)
+    setup = solve_setup(weights, x, stats, cfg, SHAPE)
+    mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
+    init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
+    loss = _mask_loss(
+        lam=0.1,
+        n_entries=setup.n_entries,
+        query_idx=None,
+        row_block=row_block,
+        shape=tuple(sorted(SHAPE.items())),
+    )
+    step = jax.jit(jax.value_and_grad(lambda m, d: loss(m, d)[0]))
+    hlo = step.lower(init, data).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    reduced = re.findall(r"= (\(.*?\)|\S+) all-reduce\(", hlo)
+    assert reduced, "the sum of the loss over the devices' heads should be one all-reduce"
+    for shapes in reduced:
+        assert all(dims == "" for dims in re.findall(r"f32\[([^\]]*)\]", shapes)), shapes
+
+
+@pytest.mark.parametrize("row_block,term", [(None, "probs"), (8, "probs"), (None, "output")])
+def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term):
+    weights, x, stats = layer_problem(1)
+    rng = np.random.default_rng(2)
+    values = {
+        "v": jnp.asarray(rng.normal(size=(D, G * DH)) / np.sqrt(D), jnp.float32),
+        "o": jnp.asarray(rng.normal(size=(H * DH, D)) / np.sqrt(H * DH), jnp.float32),
+    }
+    cfg = dataclasses.replace(CFG, row_block=row_block, term=term)
+    seen = recording(softmax_prune, monkeypatch)
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
+    ref = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "2")
+    out = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
+    assert len(seen[0].device_set) == 1
+    assert len(seen[1].device_set) == 2 and seen[1].spec == P(None, "heads")
+    assert_same_results([ref], [out])
+
+
+@pytest.mark.parametrize(
+    "devices,max_layers,lam_search", [(1, None, False), (2, 2, False), (2, None, True)]
+)
+def test_layers_solved_together_match_one_by_one(monkeypatch, devices, max_layers, lam_search):
+    cfg = dataclasses.replace(CFG, lam_search=lam_search, lam_grid=(0.1, 1.0), search_steps=5)
+    problems = [layer_problem(seed) for seed in range(3)]
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
+    ref = [prune_qk_softmax(w, x, s, cfg, **SHAPE) for w, x, s in problems]
+    seen = recording(softmax_layers, monkeypatch)
+    out = prune_qk_softmax_layers(
+        *zip(*problems, strict=True),
+        cfg,
+        devices=jax.devices()[:devices],
+        max_layers=max_layers,
+        **SHAPE,
+    )
+    assert_same_results(ref, out)
+    if devices == 2:
+        # Three layers over two devices: padded to four (batches of 2 + 1 padded, or one of 4).
+        assert all(s.spec == P("layers", None, "heads") for s in seen)
+        assert all(len(s.device_set) == 2 for s in seen)
+        assert [o[2]["batch_layers"] for o in out] == ([2, 2, 1] if max_layers else [3, 3, 3])
+
+
+def test_dense_layer_inputs_equal_each_layer_pruned_alone(monkeypatch):
+    """With ``layer_inputs: dense`` each layer's masks are those of a run that prunes only that
+    layer (whose inputs are then the dense model's), the layers solved on two devices, the
+    references on one."""
+    config = tiny_config()
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (4, 16)).astype(np.int32)
+    base = PruneConfig(
+        method="softmax",
+        softmax_samples=2,
+        softmax_seq_len=12,
+        steps=10,
+        heldout_samples=0,
+        progress=False,
+    )
+    model = Llama(config, rngs=nnx.Rngs(0))
+    seen = recording(softmax_layers, monkeypatch)
+    report = prune_model(
+        model,
+        calibration_chunks(tokens, 2),
+        [],
+        dataclasses.replace(base, layer_inputs="dense"),
+    )
+    assert len(seen) == 1 and seen[0].spec == P("layers", None, "heads")
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
+    for li in range(config.num_layers):
+        alone = prune_model(
+            Llama(config, rngs=nnx.Rngs(0)),
+            calibration_chunks(tokens, 2),
+            [],
+            dataclasses.replace(base, layers=(li,)),
+        )
+        for k in ("q", "k"):
+            np.testing.assert_array_equal(
+                np.asarray(report["masks"][li][k]), np.asarray(alone["masks"][li][k])
+            )
+        assert report["layers"][li]["final_loss"] == pytest.approx(
+            alone["layers"][li]["final_loss"], rel=1e-5
+        )
+
+
+FOUR_DEVICES = """
+import json, os
+import jax, numpy as np
+from jaxprune import softmax_layers
+from jaxprune.pipeline import PruneConfig
+from jaxprune.softmax_layers import prune_qk_softmax_layers
+from jaxprune.softmax_prune import prune_qk_softmax
+from test_sharding import CFG, SHAPE, layer_problem
+problems = [layer_problem(seed) for seed in range(2)]
+seen, solve = [], softmax_layers.solve_masks
+softmax_layers.solve_masks = lambda f, init, **kw: seen.append(init["q"].sharding) or solve(
+    f, init, **kw)
+out = prune_qk_softmax_layers(*zip(*problems), CFG, **SHAPE)
+os.environ["JAXPRUNE_DEVICES"] = "1"
+ref = [prune_qk_softmax(w, x, s, CFG, **SHAPE) for w, x, s in problems]
+print(json.dumps(dict(
+    devices=len(jax.devices()),
+    mesh={k: int(v) for k, v in seen[0].mesh.shape.items()},
+    spec=str(seen[0].spec),
+    same_masks=[bool(np.array_equal(a[1][k], b[1][k])) for a, b in zip(ref, out) for k in "qk"],
+    losses=[[a[2]["final_loss"], b[2]["final_loss"]] for a, b in zip(ref, out)],
+)))
+"""
+
+
+def test_four_devices_split_layers_and_heads():
+    """Two layers on four forced CPU devices: a 2 x 2 mesh (layers x key/value groups), the
+    masks of one device."""
+    here = Path(__file__).resolve().parent
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]),
+    )
+    env.pop("JAXPRUNE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FOUR_DEVICES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 4
+    assert got["mesh"] == {"layers": 2, "heads": 2}
+    assert got["spec"] == str(P("layers", None, "heads"))
+    assert all(got["same_masks"])
+    for ref, out in got["losses"]:
+        assert out == pytest.approx(ref, rel=1e-5)
+
+
+def test_dense_layer_inputs_from_the_command_line(tmp_path):
+    """``jaxprune prune --layer-inputs dense`` on a tiny model, in a subprocess with this
+    process's two devices: every layer pruned at 50%, solved in one batch, evaluated."""
+    write_tiny_model(tmp_path / "model")
+    write_tiny_data(tmp_path / "data")
+    proc = jaxprune(
+        "prune",
+        "--model",
+        str(tmp_path / "model"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "runs"),
+        *TINY_FLAGS,
+        "--method",
+        "softmax",
+        "--layer-inputs",
+        "dense",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["config"]["layer_inputs"] == "dense"
+    assert metrics["device_count"] == 2
+    assert set(metrics["measured_sparsity"].values()) == {0.5}
+    assert np.isfinite(metrics["perplexity"]["wikitext2"])
+    run = json.loads((Path(metrics["run_dir"]) / "metrics.json").read_text())
+    assert [layer["batch_layers"] for layer in run["layers"]] == [4] * 4
+
+
+DISTRIBUTED = """
+import socket, sys
+import jax
+from jax._src import xla_bridge
+with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+initialize = jax.distributed.initialize
+def one_process():
+    # What a pod's process does, with one process: JAX must not have picked its devices yet.
+    assert not xla_bridge.backends_are_initialized(), "JAX started before initialize()"
+    initialize(coordinator_address=f"localhost:{port}", num_processes=1, process_id=0)
+    print("initialized", file=sys.stderr)
+jax.distributed.initialize = one_process
+from jaxprune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_distributed_hook_runs_before_jax_starts(tmp_path):
+    """``JAXPRUNE_DISTRIBUTED=1`` calls ``jax.distributed.initialize()`` (here a real one, with
+    one process) before anything starts JAX, and the run then goes on normally."""
+    write_tiny_model(tmp_path / "model")
+    write_tiny_data(tmp_path / "data")
+    args = ["eval", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data")]
+    args += ["--windows", "1", "--seq-len", "16", "--json"]
+    proc = jaxprune(*args, cwd=tmp_path, env={"JAXPRUNE_DISTRIBUTED": "1"}, script=DISTRIBUTED)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialized" in proc.stderr
+    assert np.isfinite(json.loads(proc.stdout.strip().splitlines()[-1])["perplexity"])
+    proc = jaxprune(*args, cwd=tmp_path, env={"JAXPRUNE_DISTRIBUTED": "0"}, script=DISTRIBUTED)
+    assert proc.returncode == 0 and "initialized" not in proc.stderr
