@@ -38,7 +38,6 @@ def main() -> None:
     a = p.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")
-    graphdef, state = nnx.split(model)
     base = dataclasses.replace(
         PruneConfig(), targets=a.targets, pattern=a.pattern, progress=False, eval_data=()
     )
@@ -57,7 +56,8 @@ def main() -> None:
     errors: dict[str, tuple[float, float]] = {}
     for _ in range(a.repeats):
         for method in a.methods:
-            pruned = nnx.merge(graphdef, state)  # a fresh copy of the dense model
+            # A fresh copy of the dense model (nnx.merge of split parts would share its arrays).
+            pruned = nnx.clone(model)
             cfg = dataclasses.replace(base, method=method)
             start = time.perf_counter()
             report = prune_model(
