@@ -1,7 +1,7 @@
 """The softmax-aware method on a real layer: masks on W_Q and W_K optimised against the attention
 probabilities (the factored objective), then rounded to the requested pattern.
 
-Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
+Choices (the ``softmax`` section of :class:`jaxprune.prune_config.PruneConfig`):
   * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
     lambda fits every layer (``normalize``);
   * start from ``M = 1`` (the paper) or from Wanda's ordering as quantile ranks in ``[0, 1]``
@@ -187,7 +187,7 @@ def prune_qk_softmax(
       weights: ``{"q": (d, h*dh), "k": (d, g*dh)}`` dense kernels.
       x: attention inputs of the calibration subset ``(b, n, d)``.
       stats: ``InputStats`` of the layer's attention input (Wanda init and SparseGPT update).
-      cfg: a ``PruneConfig``.
+      cfg: a ``PruneConfig`` (its ``softmax`` section, seed, sparsity, pattern and group).
       n_heads, n_kv_heads, rope_theta: the layer's attention shape.
       rope_scaling: the model's Llama 3 RoPE scaling (``LlamaConfig.rope_scaling``) or ``None``.
       value_weights: ``{"v", "o"}`` dense kernels of the layer, needed by ``term="output"``.
@@ -199,23 +199,30 @@ def prune_qk_softmax(
       and per-layer facts (lambda, mask mean, losses, seconds).
     """
     start = time.perf_counter()
+    opts = cfg.softmax
     n = x.shape[1]
     query_idx = None
-    if cfg.query_rows and cfg.query_rows < n:
+    if opts.query_rows and opts.query_rows < n:
         rng = np.random.default_rng(cfg.seed)
-        query_idx = tuple(int(i) for i in np.sort(rng.choice(n, cfg.query_rows, replace=False)))
+        query_idx = tuple(int(i) for i in np.sort(rng.choice(n, opts.query_rows, replace=False)))
     shape_kw = dict(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
-    blocked = cfg.row_block is not None
+    blocked = opts.row_block is not None
     if blocked and query_idx is not None:
-        raise ValueError("row_block and query_rows exclude each other: set one of them.")
-    if blocked and cfg.update == "softmax":
-        raise ValueError("update=softmax needs the direct attention term: unset row_block.")
-    if blocked and cfg.term == "output":
-        raise ValueError("term=output needs the direct attention term: unset row_block.")
+        raise ValueError(
+            "softmax.row_block and softmax.query_rows exclude each other: set one of them."
+        )
+    if blocked and opts.update == "softmax":
+        raise ValueError(
+            "softmax.update=softmax needs the direct attention term: unset softmax.row_block."
+        )
+    if blocked and opts.term == "output":
+        raise ValueError(
+            "softmax.term=output needs the direct attention term: unset softmax.row_block."
+        )
     values = None
-    if cfg.term == "output":
+    if opts.term == "output":
         if value_weights is None:
             raise ValueError("term=output needs the layer's v and o kernels (value_weights).")
         values = head_values(
@@ -225,77 +232,77 @@ def prune_qk_softmax(
         # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
         ones = {k: jnp.ones_like(w) for k, w in weights.items()}
         target = None
-        dense_scale = _blocked_term(ones, weights, x, cfg.row_block, shape_kw)[1]
+        dense_scale = _blocked_term(ones, weights, x, opts.row_block, shape_kw)[1]
     else:
         target, dense_scale = _target(
             weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw
         )
     if values is not None:
         dense_scale = _output_scale(target, values)
-    scale = dense_scale if cfg.normalize else jnp.ones(())
+    scale = dense_scale if opts.normalize else jnp.ones(())
 
     # With normalize, the attention term is relative to its dense value and the regulariser is
     # the mean of M^2, so lam trades the two at the same scale in every layer and model.
-    n_entries = sum(w.size for w in weights.values()) if cfg.normalize else 1.0
+    n_entries = sum(w.size for w in weights.values()) if opts.normalize else 1.0
 
     # One loss function object per setting (cached), so every layer reuses the compiled solver.
     loss_of = partial(
         _mask_loss,
         n_entries=n_entries,
         query_idx=query_idx,
-        row_block=cfg.row_block,
+        row_block=opts.row_block,
         shape=tuple(sorted(shape_kw.items())),
     )
 
     group = cfg.group_or_default
-    if cfg.init == "wanda":
+    if opts.init == "wanda":
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
     data = (weights, x, target, scale, values)
     solve_kw = dict(
         data=data,
-        optimizer=cfg.optimizer,
-        step_size=cfg.lr,
-        schedule=cfg.schedule,
+        optimizer=opts.optimizer,
+        step_size=opts.lr,
+        schedule=opts.schedule,
         project=True,
-        chunk_steps=min(cfg.steps, 25),
+        chunk_steps=min(opts.steps, 25),
         progress=progress,
     )
-    if cfg.optimizer == "gd" and cfg.lr <= 0:
+    if opts.optimizer == "gd" and opts.lr <= 0:
         solve_kw["step_size"] = None
 
     keep_frac = 1.0 - (cfg.sparsity if ":" not in cfg.pattern else _nm_sparsity(cfg.pattern))
-    lam, searched = cfg.lam, {}
-    if cfg.lam_search:
-        for cand in cfg.lam_grid:
+    lam, searched = opts.lam, {}
+    if opts.lam_search:
+        for cand in opts.lam_grid:
             res = solve_masks(
                 loss_of(lam=cand),
                 init,
-                steps=cfg.search_steps,
+                steps=opts.search_steps,
                 desc=f"{desc} lam={cand:g}",
                 **solve_kw,
             )
             searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
         lam = min(searched, key=lambda c: abs(searched[c] - keep_frac))
-    res = solve_masks(loss_of(lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
+    res = solve_masks(loss_of(lam=lam), init, steps=opts.steps, desc=desc, **solve_kw)
     masks = res.masks
     keep, new = {}, {}
     for k, w in weights.items():
         # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
         # (a second sort key, so it never reorders distinct mask values).
-        tiebreak = wanda_scores(w, stats) if cfg.tiebreak else None
-        scores = mask_scores(masks[k], w, cfg.score)
+        tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
+        scores = mask_scores(masks[k], w, opts.score)
         keep[k] = binarize(
             scores, cfg.sparsity_or_none, cfg.pattern, group=group, tiebreak=tiebreak
         )
         new[k] = (
             sparsegpt_reconstruct(w, stats, keep[k])
-            if cfg.update == "sparsegpt"
+            if opts.update == "sparsegpt"
             else jnp.where(keep[k], w, 0)
         )
     update_info = {}
-    if cfg.update == "softmax":
+    if opts.update == "softmax":
         new, update_info = reconstruct_qk_softmax(
             weights,
             keep,
@@ -304,8 +311,8 @@ def prune_qk_softmax(
             attn_scale=scale,
             query_idx=query_idx,
             values=values,
-            steps=cfg.update_steps,
-            lr=cfg.update_lr,
+            steps=opts.update_steps,
+            lr=opts.update_lr,
             progress=progress,
             desc=f"{desc} update",
             **shape_kw,
