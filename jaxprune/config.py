@@ -268,7 +268,9 @@ def replace(obj, changes: typing.Mapping[str, Any] | None = None, /, **kwargs):
     """
     cls = type(obj)
     flat = flatten(cls, to_dict(obj))
-    flat.update(flatten(cls, {**(changes or {}), **kwargs}, source="replace"))
+    # Key by key: a section in kwargs changes only its own keys of a section in changes too.
+    flat.update(flatten(cls, changes or {}, source="replace"))
+    flat.update(flatten(cls, kwargs, source="replace"))
     return from_dict(cls, flat, source="replace")
 
 

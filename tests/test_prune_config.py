@@ -95,6 +95,8 @@ def test_replace_changes_one_key_of_a_section_and_validates():
         "ones",
     )
     assert replace(cfg, {"eval.windows": 3}).eval.windows == 3
+    both = replace(cfg, {"eval": {"windows": 3, "batch": 2}}, eval={"data": ["c4"]})
+    assert (both.eval.windows, both.eval.batch, both.eval.data) == (3, 2, ("c4",))
     with pytest.raises(ConfigError, match=r"softmax.steps=0 is out of range"):
         replace(cfg, softmax={"steps": 0})
 
