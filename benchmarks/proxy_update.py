@@ -14,7 +14,6 @@ calibration windows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -22,19 +21,22 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import data
+from jaxprune.config import replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 
-LONG = dict(softmax_seq_len=2048, query_rows=256)
+# PruneConfig keys of each variant (dotted keys for the sections).
+LONG = {"softmax.seq_len": 2048, "softmax.query_rows": 256}
+PAPER = {"softmax.init": "ones", "softmax.lam": 0.03}
 VARIANTS = {
-    "wanda": dict(method="wanda"),
-    "sparsegpt": dict(method="sparsegpt"),
-    "softmax": dict(method="softmax"),
-    "softmax paper start": dict(method="softmax", init="ones", lam=0.03),
-    "softmax 2048/256 rows": dict(method="softmax", **LONG),
-    "softmax paper start 2048/256": dict(method="softmax", init="ones", lam=0.03, **LONG),
-    "softmax + sparsegpt update": dict(method="softmax", update="sparsegpt"),
-    "softmax + softmax update": dict(method="softmax", update="softmax"),
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "softmax": {"method": "softmax"},
+    "softmax paper start": {"method": "softmax", **PAPER},
+    "softmax 2048/256 rows": {"method": "softmax", **LONG},
+    "softmax paper start 2048/256": {"method": "softmax", **PAPER, **LONG},
+    "softmax + sparsegpt update": {"method": "softmax", "softmax.update": "sparsegpt"},
+    "softmax + softmax update": {"method": "softmax", "softmax.update": "softmax"},
 }
 
 
@@ -59,7 +61,7 @@ def main() -> None:
     )
     print(f"{'variant':28s} " + " ".join(f"err L{i:<4d}" for i in a.layers) + "  mean    s/layer")
     for label in a.variants:
-        cfg = dataclasses.replace(base, **VARIANTS[label])
+        cfg = replace(base, VARIANTS[label])
         fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))
         t = time.perf_counter()
         report = prune_model(fresh, calibration_chunks(calib, 4), calibration_chunks(held, 1), cfg)

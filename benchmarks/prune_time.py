@@ -8,13 +8,12 @@ SparseGPT's, and the mean held-out attention and output errors over layers. With
 the methods alternate, so a noisy shared machine affects all of them alike.
 
     python benchmarks/prune_time.py [--calib 32 2048] [--methods sparsegpt softmax] [--repeats 1]
-        [--set steps=40 ...]
+        [--set softmax.steps=40 ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import data
-from jaxprune.config import parse_overrides
+from jaxprune.config import parse_overrides, replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 
@@ -38,13 +37,13 @@ def main() -> None:
     a = p.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")
-    base = dataclasses.replace(
-        PruneConfig(), targets=a.targets, pattern=a.pattern, progress=False, eval_data=()
+    base = replace(
+        PruneConfig(), targets=a.targets, pattern=a.pattern, progress=False, eval={"data": []}
     )
-    base = dataclasses.replace(base, **parse_overrides(a.set))
+    base = replace(base, parse_overrides(a.set))
     calib = data.calibration_windows(tokenizer, "standard", a.calib[0], a.calib[1])
     held = data.eval_windows(
-        tokenizer, "c4", base.heldout_samples, seq_len=min(base.softmax_seq_len, a.calib[1])
+        tokenizer, "c4", base.eval.heldout_samples, seq_len=min(base.softmax.seq_len, a.calib[1])
     )
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
     print(
@@ -58,12 +57,12 @@ def main() -> None:
         for method in a.methods:
             # A fresh copy of the dense model (nnx.merge of split parts would share its arrays).
             pruned = nnx.clone(model)
-            cfg = dataclasses.replace(base, method=method)
+            cfg = replace(base, method=method)
             start = time.perf_counter()
             report = prune_model(
                 pruned,
-                calibration_chunks(calib, cfg.micro_batch),
-                calibration_chunks(np.asarray(held), cfg.micro_batch),
+                calibration_chunks(calib, cfg.calibration.micro_batch),
+                calibration_chunks(np.asarray(held), cfg.calibration.micro_batch),
                 cfg,
             )
             jax.block_until_ready(jax.tree.leaves(nnx.state(pruned)))

@@ -12,7 +12,6 @@ other, on the same calibration windows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -20,10 +19,11 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import data
+from jaxprune.config import replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 
-# (label, softmax_samples, softmax_seq_len, query_rows)
+# (label, softmax.samples, softmax.seq_len, softmax.query_rows)
 VARIANTS = [
     ("8 x 512 tokens", 8, 512, None),
     ("4 x 256 tokens (table, demo)", 4, 256, None),
@@ -41,14 +41,15 @@ def main() -> None:
     graphdef, state = nnx.split(model)
     calib = data.calibration_windows(tokenizer, "standard", 8, 512)
     held = data.eval_windows(tokenizer, "c4", 2, seq_len=512)
-    base = PruneConfig(layers=tuple(a.layers), steps=a.steps, progress=False, init="wanda", lam=0.1)
-    rows = [("wanda", dataclasses.replace(base, method="wanda"))]
+    base = replace(
+        PruneConfig(layers=tuple(a.layers), progress=False),
+        softmax={"steps": a.steps, "init": "wanda", "lam": 0.1},
+    )
+    rows = [("wanda", replace(base, method="wanda"))]
     rows += [
         (
             label,
-            dataclasses.replace(
-                base, method="softmax", softmax_samples=s, softmax_seq_len=t, query_rows=q
-            ),
+            replace(base, method="softmax", softmax={"samples": s, "seq_len": t, "query_rows": q}),
         )
         for label, s, t, q in VARIANTS
     ]

@@ -3,7 +3,7 @@ error of the rounded masks against the number of Adam steps, for a few layers of
 
 Each chosen layer is solved on the DENSE model's inputs (no earlier layer pruned, so the layers
 are independent and the study is cheap), with the run's defaults otherwise: attention term on the
-first ``softmax_samples`` calibration sequences' ``softmax_seq_len``-token prefixes, Wanda start,
+first ``softmax.samples`` calibration sequences' ``softmax.seq_len``-token prefixes, Wanda start,
 lambda 0.1. Wanda's input statistics come from all calibration windows. For every step count the
 solve restarts from the same start, so each row is what ``--steps S`` would give. Errors are
 measured on held-out C4 evaluation windows at ``--heldout-len`` tokens (2048: the evaluation's
@@ -11,13 +11,12 @@ length), relative to the dense layer, averaged over the layers; "wanda" (0 steps
 Wanda's own mask) is the first row.
 
     python benchmarks/solve_steps.py [--layers 0 10 20] [--calib 8 2048] [--steps 10 20 40 80 160]
-        [--set term=output ...]
+        [--set softmax.term=output ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -27,7 +26,7 @@ from flax import nnx
 
 from jaxprune import data, layerwise
 from jaxprune.baselines import init_stats, prune_matrix, update_stats
-from jaxprune.config import parse_overrides
+from jaxprune.config import parse_overrides, replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.model import projection_kernels
 from jaxprune.pipeline import PruneConfig
@@ -64,9 +63,7 @@ def main() -> None:
         rope_theta=c.rope_theta,
         rope_scaling=c.rope_scaling,
     )
-    cfg = dataclasses.replace(
-        PruneConfig(method="softmax", progress=False), **parse_overrides(a.set)
-    )
+    cfg = replace(PruneConfig(), parse_overrides(a.set), method="softmax", progress=False)
     calib = data.calibration_windows(tokenizer, "standard", a.calib[0], a.calib[1])
     held = data.eval_windows(tokenizer, "c4", 2, seq_len=a.heldout_len)
     xs = {li: [] for li in a.layers}
@@ -78,7 +75,7 @@ def main() -> None:
     print(
         f"SmolLM2-135M q/k {cfg.pattern} {cfg.sparsity:g}, layers {a.layers} on dense inputs; "
         f"calibration {a.calib[0]} x {a.calib[1]} C4 tokens, attention term "
-        f"{cfg.softmax_samples} x {cfg.softmax_seq_len}; held-out 2 x {a.heldout_len} C4 tokens"
+        f"{cfg.softmax.samples} x {cfg.softmax.seq_len}; held-out 2 x {a.heldout_len} C4 tokens"
         + (f"; overrides {' '.join(a.set)}" if a.set else "")
     )
     print(f"{'steps':>6s} {'attn err':>9s} {'out err':>8s} {'final term':>11s} {'s/layer':>8s}")
@@ -101,12 +98,12 @@ def main() -> None:
                 }
                 term.append(float("nan"))
             else:
-                x = x_all[: cfg.softmax_samples, : cfg.softmax_seq_len]
+                x = x_all[: cfg.softmax.samples, : cfg.softmax.seq_len]
                 new, _, info = prune_qk_softmax(
                     qk,
                     x,
                     stats,
-                    dataclasses.replace(cfg, steps=steps),
+                    replace(cfg, softmax={"steps": steps}),
                     value_weights={k: kernels[k] for k in ("v", "o")},
                     progress=False,
                     **shape,

@@ -8,7 +8,6 @@ with status 2; only a bug shows a traceback, and ``--debug`` shows it for any er
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
 
@@ -24,19 +23,34 @@ USER_ERROR = 2
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage block) and a near flag suggested."""
+    """argparse, with its errors on one line (no usage block) and a near flag suggested.
+
+    Flags are never abbreviated: ``--eval.window`` is an unknown flag that names
+    ``--eval.windows``, not silently that flag (an abbreviation would change meaning, or become
+    ambiguous, whenever a field is added).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def unknown_arguments(self, extras: list[str]):
-        """Stops on the first argument no flag takes, naming the nearest flag."""
+        """Stops on the first argument no flag takes, naming the flag it moved to (``moved_flags``,
+        set by a command) or else the nearest flag."""
+        from jaxprune.config import nearest
+
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        moved = getattr(self, "moved_flags", {})
         for token in extras:
             if token.startswith("-"):
                 name = token.split("=", 1)[0]
-                near = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.6)
-                hint = f"; did you mean {near[0]}?" if near else ""
+                if name.replace("_", "-") in moved:
+                    self.error(f"flag {name} moved to {moved[name.replace('_', '-')]}")
+                near = nearest(name.replace("_", "-"), flags)
+                hint = f"; did you mean {near}?" if near else ""
                 self.error(f"unknown flag {name}{hint}")
         self.error(f"unexpected argument {extras[0]!r} (a flag's value needs its flag before it)")
 

@@ -2,9 +2,16 @@
 
 A config class declares each field with a type annotation and, where a range applies,
 ``field(metadata={"range": (lo, hi)})`` or ``{"choices": (...)}``, under a one-line comment that
-says what the field is (:func:`field_help` reads it for ``--help``). Loading checks every key, type
-and range and stops with one :class:`ConfigError` line naming the key, the value and what is
-allowed. Numbers may be written as Python writes them (``1e-3``, ``5e-1``, ``.5``).
+says what the field is (:func:`field_help` reads it for ``--help``). A field whose type is itself
+a dataclass is a section: its keys are written nested (``softmax: {lam: 0.1}``) or dotted
+(``softmax.lam: 0.1``, ``--softmax.lam 0.1``). Loading checks every key, type and range and stops
+with one :class:`ConfigError` line naming the key, the value and what is allowed (for an unknown
+key, the nearest valid one; for a key listed in the class's ``MOVED_KEYS``, its new place).
+Numbers may be written as Python writes them (``1e-3``, ``5e-1``, ``.5``).
+
+We keep this small parser rather than tyro or draccus: neither keeps an error to one line (tyro
+draws a multi-line box, draccus prints argparse's usage block, or a traceback for a bad value),
+and both would still need the ranges, choices, moved keys and YAML rules below on top.
 """
 
 from __future__ import annotations
@@ -142,31 +149,129 @@ def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
         raise ConfigError(f"{key} must not be empty.")
 
 
-def from_dict(cls, raw: dict[str, Any], source: str = "config"):
-    """Builds and validates ``cls`` from a plain mapping.
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def leaf_fields(cls, prefix: str = ""):
+    """Every settable field of ``cls``, sections entered: ``(dotted name, field, type, owner)``
+    with ``owner`` the dataclass that declares the field (for its comment)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_section(hints[f.name]):
+            yield from leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, hints[f.name], cls
+
+
+def nearest(name: str, candidates, cutoff: float = 0.6) -> str | None:
+    """The candidate most like ``name``, comparing whole dotted names and their last parts (so
+    ``lamb`` finds ``softmax.lam``); None when nothing is close."""
+
+    def leaf(text: str) -> str:
+        return text.lstrip("-").rsplit(".", 1)[-1]
+
+    def score(candidate: str) -> tuple[float, float]:
+        whole = difflib.SequenceMatcher(None, name, candidate).ratio()
+        part = difflib.SequenceMatcher(None, leaf(name), leaf(candidate)).ratio()
+        return max(whole, part), whole
+
+    best = max(candidates, key=score, default=None)
+    return best if best is not None and score(best)[0] >= cutoff else None
+
+
+def flatten(cls, raw: typing.Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """A mapping of ``cls`` keys, with sections as nested mappings (``softmax: {lam: 0.1}``) or
+    dotted keys (``softmax.lam: 0.1``), as one flat mapping of dotted keys. A later key wins over
+    an earlier one. A dotted key under a ``dict`` field (``base.softmax.lam``) sets that key of
+    the dict.
+
+    Raises:
+      ConfigError: an unknown key (naming the nearest valid one), a key that moved
+        (``cls.MOVED_KEYS``, naming its new place), or a section given a non-mapping.
+    """
+    out: dict[str, Any] = {}
+    _flatten_into(out, cls, cls, raw, "", source)
+    return out
+
+
+def _flatten_into(out: dict, root, cls, raw, prefix: str, source: str) -> None:
+    if not isinstance(raw, typing.Mapping):
+        raise ConfigError(f"{prefix.rstrip('.')}={raw!r} in {source}: expected a mapping of keys.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        head, dot, rest = str(key).partition(".")
+        if head not in fields:
+            _unknown_key(root, prefix + str(key), value, source)
+        tp = hints[head]
+        if _is_section(tp):
+            _flatten_into(
+                out, root, tp, {rest: value} if dot else value, f"{prefix}{head}.", source
+            )
+        elif dot and tp is dict:
+            out[prefix + head] = {**out.get(prefix + head, {}), rest: value}
+        elif dot:
+            _unknown_key(root, prefix + str(key), value, source)
+        else:
+            out[prefix + head] = value
+
+
+def _unknown_key(root, key: str, value: Any, source: str):
+    moved = getattr(root, "MOVED_KEYS", {}).get(key)
+    if moved is not None:
+        raise ConfigError(
+            f"{source}: {key!r} moved to {moved!r}; write {moved}: {yaml_text(value)} (or nest "
+            f"it: {moved.split('.')[0]}: {{{moved.split('.', 1)[1]}: {yaml_text(value)}}})."
+        )
+    names = [name for name, *_ in leaf_fields(root)]
+    near = nearest(key, names)
+    hint = f"did you mean {near!r}? " if near else ""
+    sections = {n.split(".")[0] + ".*" for n in names if "." in n}
+    allowed = sorted({n for n in names if "." not in n} | sections)
+    raise ConfigError(f"unknown key {key!r} in {source}; {hint}allowed keys: {', '.join(allowed)}.")
+
+
+def from_dict(cls, raw: typing.Mapping[str, Any], source: str = "config"):
+    """Builds and validates ``cls`` from a plain mapping (sections nested or as dotted keys).
 
     Raises:
       ConfigError: unknown key, wrong type or value out of range (one line, naming the key).
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], list(fields), n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} in {source}; {hint}"
-            f"allowed keys: {', '.join(sorted(fields))}."
-        )
+    return _build(cls, flatten(cls, raw, source), "", source)
+
+
+def _build(cls, flat: dict[str, Any], prefix: str, source: str):
     hints = typing.get_type_hints(cls)
     values = {}
-    for name, value in raw.items():
-        coerced = _coerce(name, value, hints[name])
-        _check_range(name, coerced, fields[name].metadata)
-        values[name] = coerced
+    for f in dataclasses.fields(cls):
+        name, tp = prefix + f.name, hints[f.name]
+        if _is_section(tp):
+            if any(k.startswith(name + ".") for k in flat):
+                values[f.name] = _build(tp, flat, name + ".", source)
+        elif name in flat:
+            values[f.name] = _coerce(name, flat[name], tp)
+            _check_range(name, values[f.name], f.metadata)
     try:
         return cls(**values)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from err
+
+
+def replace(obj, changes: typing.Mapping[str, Any] | None = None, /, **kwargs):
+    """A copy of the config ``obj`` with some keys changed, validated like a config file.
+
+    ``replace(cfg, method="softmax", softmax={"lam": 0.05})`` changes ``softmax.lam`` and keeps
+    the section's other keys; ``changes`` takes dotted keys (``{"softmax.lam": 0.05}``).
+    """
+    cls = type(obj)
+    flat = flatten(cls, to_dict(obj))
+    # Key by key: a section in kwargs changes only its own keys of a section in changes too.
+    flat.update(flatten(cls, changes or {}, source="replace"))
+    flat.update(flatten(cls, kwargs, source="replace"))
+    return from_dict(cls, flat, source="replace")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -240,7 +345,13 @@ def yaml_text(value: Any) -> str:
 
 
 def to_dict(config) -> dict[str, Any]:
-    """The config as plain JSON-able data (tuples become lists)."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
-    }
+    """The config as plain JSON-able data (sections become mappings, tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value

@@ -8,8 +8,6 @@ finishes (:mod:`jaxprune.resume`), so a stopped run continues with ``--resume RU
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shlex
 import shutil
@@ -24,57 +22,53 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxprune import data, results, resume
-from jaxprune.config import to_dict
+from jaxprune.config import to_dict, yaml_text
 from jaxprune.errors import ModelError, OutputError
 from jaxprune.loaders.resolve import load_model
 from jaxprune.perplexity import perplexity
 from jaxprune.pipeline import PruneConfig, calibration_chunks, check_model, prune_model
+from jaxprune.prune_config import flat_settings
 
 
 def command_for(cfg: PruneConfig) -> str:
     """The ``jaxprune prune`` command that reproduces one row (method, targets, pattern and
-    sparsity always, other keys where they differ from the defaults)."""
-    default = PruneConfig()
+    sparsity always, other keys where they differ from the defaults; values as YAML)."""
+    default = flat_settings(to_dict(PruneConfig()))
     always = ("method", "targets", "pattern", "sparsity")
     parts = ["jaxprune", "prune"]
-    for f in dataclasses.fields(PruneConfig):
-        value = getattr(cfg, f.name)
-        if f.name == "progress" or (f.name not in always and value == getattr(default, f.name)):
+    for key, value in flat_settings(to_dict(cfg)).items():
+        if key == "progress" or (key not in always and value == default[key]):
             continue
-        if isinstance(value, tuple):
-            text = json.dumps(list(value))
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-        parts += [f"--{f.name.replace('_', '-')}", text]
+        parts += [f"--{key.replace('_', '-')}", yaml_text(value)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def needed_data(cfg: PruneConfig) -> list[str]:
     """The data sets a run reads: C4 for calibration (and held-out sequences), plus its
     evaluation sets."""
-    return ["c4", *cfg.eval_data]
+    return ["c4", *cfg.eval.data]
 
 
 def eval_sequences(tokenizer, cfg: PruneConfig) -> dict[str, Any]:
-    """The token sequences of each of ``cfg.eval_data`` under PROTOCOL.md (windows, or the
+    """The token sequences of each of ``cfg.eval.data`` under PROTOCOL.md (windows, or the
     paper's C4 documents for ``c4-paper``)."""
     out = {}
-    for name in cfg.eval_data:
+    for name in cfg.eval.data:
         if name == "c4-paper":
-            out[name] = data.paper_eval_sequences(tokenizer, cfg.data_dir, seq_len=cfg.eval_seq_len)
+            out[name] = data.paper_eval_sequences(tokenizer, cfg.data_dir, seq_len=cfg.eval.seq_len)
         else:
             out[name] = data.eval_windows(
-                tokenizer, name, cfg.eval_windows, seq_len=cfg.eval_seq_len, data_dir=cfg.data_dir
+                tokenizer, name, cfg.eval.windows, seq_len=cfg.eval.seq_len, data_dir=cfg.data_dir
             )
     return out
 
 
 def evaluate(model, tokenizer, cfg: PruneConfig, sequences: dict | None = None) -> dict[str, dict]:
-    """Perplexity on each of ``cfg.eval_data`` (``sequences``: from :func:`eval_sequences`)."""
+    """Perplexity on each of ``cfg.eval.data`` (``sequences``: from :func:`eval_sequences`)."""
     if sequences is None:
         sequences = eval_sequences(tokenizer, cfg)
     return {
-        name: perplexity(model, seqs, batch_size=cfg.eval_batch, progress=cfg.progress)
+        name: perplexity(model, seqs, batch_size=cfg.eval.batch, progress=cfg.progress)
         for name, seqs in sequences.items()
     }
 
@@ -198,15 +192,19 @@ def run_job(
     # Before calibrating: the settings against the model's shapes, then every data window.
     check_model(cfg, model.config)
     calib = data.calibration_windows(
-        tokenizer, cfg.protocol, cfg.calib_samples, cfg.calib_seq_len, cfg.data_dir
+        tokenizer,
+        cfg.calibration.protocol,
+        cfg.calibration.samples,
+        cfg.calibration.seq_len,
+        cfg.data_dir,
     )
     heldout = []
-    if cfg.heldout_samples:
+    if cfg.eval.heldout_samples:
         heldout = data.eval_windows(
             tokenizer,
             "c4",
-            cfg.heldout_samples,
-            seq_len=min(cfg.softmax_seq_len, cfg.calib_seq_len),
+            cfg.eval.heldout_samples,
+            seq_len=min(cfg.softmax.seq_len, cfg.calibration.seq_len),
             data_dir=cfg.data_dir,
         )
     sequences = eval_sequences(tokenizer, cfg)
@@ -224,8 +222,10 @@ def run_job(
         try:
             report = prune_model(
                 model,
-                calibration_chunks(calib, cfg.micro_batch),
-                calibration_chunks(np.asarray(heldout), cfg.micro_batch) if len(heldout) else [],
+                calibration_chunks(calib, cfg.calibration.micro_batch),
+                calibration_chunks(np.asarray(heldout), cfg.calibration.micro_batch)
+                if len(heldout)
+                else [],
                 cfg,
                 store=store,
             )

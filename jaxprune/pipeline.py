@@ -10,13 +10,10 @@ every calibration chunk is kept (``N x T x d``), and the wider captures of a lay
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 import resource
 import sys
 import time
-from dataclasses import field
 from typing import Any
 
 import jax
@@ -26,168 +23,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxprune import layerwise
-from jaxprune.baselines import GROUPS as BASELINE_GROUPS
-from jaxprune.baselines import METHODS as BASELINES
 from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.errors import ModelError, ResumeError
 from jaxprune.masks import parse_nm
 from jaxprune.model import Llama, LlamaConfig, projection_kernels
+from jaxprune.prune_config import TARGETS, PruneConfig
 from jaxprune.softmax_layers import prune_qk_softmax_layers
 from jaxprune.softmax_prune import attention_error, output_error, prune_qk_softmax
 from jaxprune.solvers import SolveDivergedError
-
-METHODS = ("dense", *BASELINES, "softmax")
-# Comparison groups per method; the first is the default (the authors' own for the baselines).
-# The softmax-aware method rounds per matrix by default: its full-protocol row beat the per-output
-# one (README, "Head-to-head on the full protocol").
-METHOD_GROUPS = {**BASELINE_GROUPS, "softmax": ("matrix", "output"), "dense": ()}
-TARGETS = {
-    "qk": ("q", "k"),
-    "attn": ("q", "k", "v", "o"),
-    "all": ("q", "k", "v", "o", "gate", "up", "down"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneConfig:
-    """One pruning run: model, method, targets, pattern, data and evaluation."""
-
-    # Model: "smollm2-135m", a .gguf path, a Hugging Face folder, or a hub id.
-    model: str = "smollm2-135m"
-    # Pruning method.
-    method: str = field(default="wanda", metadata={"choices": METHODS})
-    # Matrices pruned in every layer: qk, attn (q, k, v, o) or all (attention and MLP).
-    targets: str = field(default="qk", metadata={"choices": tuple(TARGETS)})
-    # Fraction pruned in every pruned matrix (ignored for N:M patterns).
-    sparsity: float = field(default=0.5, metadata={"range": (0.0, 0.99)})
-    # unstructured, or N:M such as 2:4 (at most N kept in every M consecutive inputs).
-    pattern: str = "unstructured"
-    # Unstructured comparison group (None: the method's own default): output (Wanda's), block
-    # (SparseGPT's) or matrix (magnitude's, and the softmax-aware rounding, start and tie-break).
-    group: str | None = field(default=None, metadata={"choices": ("output", "block", "matrix")})
-    # Calibration data: standard (C4 windows) or paper (C4 documents 0-7, own sequences).
-    protocol: str = field(default="standard", metadata={"choices": ("standard", "paper")})
-    # Calibration sequences (None: 32 standard, 8 paper).
-    calib_samples: int | None = field(default=None, metadata={"range": (1, 4096)})
-    # Tokens per calibration sequence.
-    calib_seq_len: int = field(default=2048, metadata={"range": (16, 32768)})
-    # Calibration sequences per forward chunk (memory vs speed).
-    micro_batch: int = field(default=4, metadata={"range": (1, 1024)})
-    # Baseline for the matrices the softmax-aware method does not handle (v, o, MLP).
-    other_method: str = field(default="sparsegpt", metadata={"choices": BASELINES})
-    # SparseGPT block size and dampening.
-    blocksize: int = field(default=128, metadata={"range": (1, 65536)})
-    percdamp: float = field(default=0.01, metadata={"range": (0.0, 10.0)})
-    # Softmax-aware: calibration sequences used in the attention term (the first ones).
-    softmax_samples: int = field(default=4, metadata={"range": (1, 4096)})
-    # Softmax-aware: tokens of each of those sequences (a causal prefix).
-    softmax_seq_len: int = field(default=256, metadata={"range": (2, 32768)})
-    # Softmax-aware: random query rows per sequence in the attention term (None: all).
-    query_rows: int | None = field(default=None, metadata={"range": (1, 32768)})
-    # Softmax-aware: lambda (with normalize, relative to the dense attention scale).
-    lam: float = field(default=0.1, metadata={"range": (0.0, None)})
-    # Softmax-aware: choose lambda per layer so the mask mean is near the kept fraction.
-    lam_search: bool = False
-    # Softmax-aware: candidate lambdas of the search.
-    lam_grid: tuple[float, ...] = field(
-        default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={"range": (0.0, None)}
-    )
-    # Softmax-aware: steps of each short solve in the search.
-    search_steps: int = field(default=30, metadata={"range": (1, 100000)})
-    # Softmax-aware: start point, wanda (Wanda's ordering as ranks in [0, 1], the best measured)
-    # or ones (the paper's M = 1).
-    init: str = field(default="wanda", metadata={"choices": ("ones", "wanda")})
-    # Softmax-aware: optimiser (gd with lr <= 0 derives the step size).
-    optimizer: str = field(default="adam", metadata={"choices": ("gd", "sgd", "adam")})
-    # Softmax-aware: learning rate / step size.
-    lr: float = 0.01
-    # Softmax-aware: learning-rate schedule.
-    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
-    # Softmax-aware: solver steps per layer.
-    steps: int = field(default=80, metadata={"range": (1, 1_000_000)})
-    # Softmax-aware: divide the attention term by its dense scale.
-    normalize: bool = True
-    # Softmax-aware: round by the mask (mask) or by |M * W| (mask_times_weight).
-    score: str = field(default="mask", metadata={"choices": ("mask", "mask_times_weight")})
-    # Softmax-aware: break ties of the rounding by Wanda's score (a second sort key).
-    tiebreak: bool = True
-    # Softmax-aware: after rounding, update the kept q/k weights: none, sparsegpt (its linear
-    # reconstruction) or softmax (Adam on the same attention loss, the mask fixed).
-    update: str = field(default="none", metadata={"choices": ("none", "sparsegpt", "softmax")})
-    # Softmax-aware: what the attention term compares, probs (the paper's: each head's attention
-    # probabilities) or output (the attention block's output sum_h P_h V_h O_h, dense V and O).
-    term: str = field(default="probs", metadata={"choices": ("probs", "output")})
-    # Softmax-aware: compute the attention term over blocks of this many query rows (memory
-    # linear in softmax_seq_len, the same loss; None: the direct form, faster at short lengths).
-    row_block: int | None = field(default=None, metadata={"range": (1, 32768)})
-    # Softmax-aware update=softmax: Adam steps on the kept weights.
-    update_steps: int = field(default=40, metadata={"range": (1, 1_000_000)})
-    # Softmax-aware update=softmax: learning rate, relative to each matrix's weight RMS.
-    update_lr: float = field(default=0.01, metadata={"range": (0.0, None)})
-    # Prune only these layer indices (None: every layer), for ablations and quick looks.
-    layers: tuple[int, ...] | None = None
-    # Inputs each layer is calibrated on: sequential (those the already pruned layers produce,
-    # the protocol) or dense (the dense model's: the layers' solves are independent, so they run
-    # together, vmapped over layers and split over the devices).
-    layer_inputs: str = field(default="sequential", metadata={"choices": ("sequential", "dense")})
-    # Held-out sequences (C4 evaluation documents) for the per-layer attention error.
-    heldout_samples: int = field(default=2, metadata={"range": (0, 256)})
-    # Evaluation sets: wikitext2, c4 (the standard protocol) and/or c4-paper; [] skips evaluation.
-    eval_data: tuple[str, ...] = ("wikitext2", "c4")
-    # Evaluation windows per set (None: all of WikiText-2 / the protocol's 32 for C4).
-    eval_windows: int | None = field(default=32, metadata={"range": (1, 100000)})
-    # Tokens per evaluation window.
-    eval_seq_len: int = field(default=2048, metadata={"range": (16, 32768)})
-    # Evaluation batch size.
-    eval_batch: int = field(default=1, metadata={"range": (1, 1024)})
-    # Data folder (None: $JAXPRUNE_DATA or ../shared/data).
-    data_dir: str | None = None
-    # Random seed (query-row sampling).
-    seed: int = 0
-    # Folder of the run's outputs (a fresh timestamped folder is made inside).
-    out: str = "runs/prune"
-    # Save the pruned parameters with orbax (masks are always saved).
-    save_params: bool = True
-    # Show progress bars.
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.pattern == "row":
-            raise ValueError("pattern='row' is now pattern='unstructured' with group='output'.")
-        nm = parse_nm(self.pattern)
-        if nm is None and not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity={self.sparsity} is impossible: give a fraction in [0, 1).")
-        for name in self.eval_data:
-            if name not in ("wikitext2", "c4", "c4-paper"):
-                raise ValueError(f"eval_data entry {name!r}: use wikitext2, c4 or c4-paper.")
-        if not math.isfinite(self.lr) or (self.optimizer != "gd" and self.lr <= 0):
-            raise ValueError(
-                f"lr={self.lr} cannot work with optimizer={self.optimizer!r}: give a positive "
-                "finite learning rate such as 0.01 (only optimizer gd takes lr <= 0, for the "
-                "derived step size 1/L)."
-            )
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError(
-                f"layers={list(self.layers)}: give layer indices from 0 (such as [0, 1]), or "
-                "leave it unset (null) for every layer."
-            )
-        allowed = METHOD_GROUPS.get(self.method, ())
-        if self.group is not None and self.group not in allowed:
-            raise ValueError(
-                f"group={self.group!r} does not apply to method {self.method!r}: "
-                f"use one of {allowed} (or leave it unset for the authors' default)."
-            )
-
-    @property
-    def group_or_default(self) -> str | None:
-        """The comparison group the method uses (``None`` for dense)."""
-        groups = METHOD_GROUPS[self.method]
-        return self.group if self.group is not None else (groups[0] if groups else None)
-
-    @property
-    def sparsity_or_none(self) -> float | None:
-        """The sparsity to pass to ``binarize`` (None for N:M, which fixes it)."""
-        return None if parse_nm(self.pattern) else self.sparsity
 
 
 def _input_dims(c: LlamaConfig) -> dict[str, int]:
@@ -227,15 +70,16 @@ def check_model(cfg: PruneConfig, c: LlamaConfig, model_name: str | None = None)
             )
     uses_sparsegpt = cfg.method == "sparsegpt" or (
         cfg.method == "softmax"
-        and cfg.other_method == "sparsegpt"
+        and cfg.softmax.other_method == "sparsegpt"
         and set(TARGETS[cfg.targets]) - {"q", "k"}
     )
-    if uses_sparsegpt and cfg.blocksize % m:
-        small = [t for t in TARGETS[cfg.targets] if cfg.blocksize < dims[t]]
+    if uses_sparsegpt and cfg.sparsegpt.blocksize % m:
+        small = [t for t in TARGETS[cfg.targets] if cfg.sparsegpt.blocksize < dims[t]]
         if small:
             raise ModelError(
-                f"blocksize={cfg.blocksize} is not a multiple of M={m} (pattern {cfg.pattern}); "
-                f"SparseGPT's blocks would split N:M groups: use a multiple of {m}."
+                f"sparsegpt.blocksize={cfg.sparsegpt.blocksize} is not a multiple of M={m} "
+                f"(pattern {cfg.pattern}); SparseGPT's blocks would split N:M groups: use a "
+                f"multiple of {m}."
             )
 
 
@@ -246,15 +90,15 @@ def _solve_warnings(info: dict, cfg: PruneConfig, li: int) -> list[str]:
     if info["final_loss"] > info["initial_loss"]:
         out.append(
             f"layer {li}: the softmax-aware solve ended at loss {info['final_loss']:.4g}, above "
-            f"its start {info['initial_loss']:.4g}; lower --lr (now {cfg.lr:g}) or try "
-            "--optimizer gd --lr 0 (derived step size, monotone)."
+            f"its start {info['initial_loss']:.4g}; lower --softmax.lr (now {cfg.softmax.lr:g}) "
+            "or try --softmax.optimizer gd --softmax.lr 0 (derived step size, monotone)."
         )
     keep = 1.0 - (cfg.sparsity_or_none if cfg.sparsity_or_none is not None else _nm_pruned(cfg))
     if info["mask_mean"] < 0.1 * keep:
         out.append(
             f"layer {li}: the relaxed mask collapsed (mean {info['mask_mean']:.3g} for a kept "
-            f"fraction {keep:.3g}), so its rounding is near arbitrary; lower --lam (now "
-            f"{info.get('lam', cfg.lam):g}) or --lr (now {cfg.lr:g})."
+            f"fraction {keep:.3g}), so its rounding is near arbitrary; lower --softmax.lam (now "
+            f"{info.get('lam', cfg.softmax.lam):g}) or --softmax.lr (now {cfg.softmax.lr:g})."
         )
     return out
 
@@ -265,11 +109,13 @@ def _nm_pruned(cfg: PruneConfig) -> float:
 
 
 def _diverged(err: SolveDivergedError, cfg: PruneConfig, li: int) -> SolveDivergedError:
-    # The solver's advice names its own arguments; the user sets them with --lr and --optimizer.
+    # The solver's advice names its own arguments; the user sets them with --softmax.lr and
+    # --softmax.optimizer.
     what = re.split(r"[;.]\s+[Uu]se a smaller step_size", str(err))[0]
     return SolveDivergedError(
-        f"layer {li}: {what}; use a smaller --lr than {cfg.lr:g} (optimizer {cfg.optimizer}), "
-        "or --optimizer gd --lr 0 for the derived step size, which cannot diverge."
+        f"layer {li}: {what}; use a smaller --softmax.lr than {cfg.softmax.lr:g} (optimizer "
+        f"{cfg.softmax.optimizer}), or --softmax.optimizer gd --softmax.lr 0 for the derived step "
+        "size, which cannot diverge."
     )
 
 
@@ -345,7 +191,7 @@ def prune_model(
         )
     names = tuple(sorted({layerwise.INPUT_OF[t] for t in targets}))
     calibrated, solved = {}, {}
-    if cfg.layer_inputs == "dense":
+    if cfg.calibration.layer_inputs == "dense":
         todo = [li for li in pruned if li not in done]
         calibrated, solved = _independent_layers(
             model, hs, rope, todo, names, cfg, longest, update, shape_kw
@@ -387,7 +233,7 @@ def prune_model(
             new = {}
             rest = list(targets)
             if cfg.method == "softmax":
-                x = _stack_prefixes(soft_x, cfg.softmax_seq_len)
+                x = _stack_prefixes(soft_x, cfg.softmax.seq_len)
                 try:
                     # Independent layers were solved together (before this loop).
                     qk_new, keep, soft_info = solved.pop(li, None) or prune_qk_softmax(
@@ -413,9 +259,9 @@ def prune_model(
                     attention_error(dense_qk["q"], dense_qk["k"], new["q"], new["k"], x, **shape_kw)
                 )
                 rest = [t for t in targets if t not in ("q", "k")]
-            method = cfg.other_method if cfg.method == "softmax" else cfg.method
+            method = cfg.softmax.other_method if cfg.method == "softmax" else cfg.method
             opts = (
-                {"blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
+                {"blocksize": cfg.sparsegpt.blocksize, "percdamp": cfg.sparsegpt.percdamp}
                 if method == "sparsegpt"
                 else {}
             )
@@ -486,9 +332,9 @@ def _calibrate(graphdef, state, hs, rope, names, cfg, longest, update):
             stats[n] = update(
                 stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]), caps[n]
             )
-        want = cfg.softmax_samples - soft_count
-        if cfg.method == "softmax" and want > 0 and h.shape[1] >= min(cfg.softmax_seq_len, longest):
-            take = caps["attn_in"][:want, : cfg.softmax_seq_len]
+        want = cfg.softmax.samples - soft_count
+        if cfg.method == "softmax" and want > 0 and h.shape[1] >= min(cfg.softmax.seq_len, longest):
+            take = caps["attn_in"][:want, : cfg.softmax.seq_len]
             soft_x.append(take)
             soft_count += take.shape[0]
     return stats, soft_x
@@ -516,7 +362,7 @@ def _independent_layers(model, hs, rope, todo, names, cfg, longest, update, shap
     try:
         results = prune_qk_softmax_layers(
             [{k: jnp.asarray(kern[k][...]) for k in ("q", "k")} for kern in kernels],
-            [_stack_prefixes(calibrated[li][1], cfg.softmax_seq_len) for li in todo],
+            [_stack_prefixes(calibrated[li][1], cfg.softmax.seq_len) for li in todo],
             [calibrated[li][0]["attn_in"] for li in todo],
             cfg,
             value_weights=[{k: jnp.asarray(kern[k][...]) for k in ("v", "o")} for kern in kernels],

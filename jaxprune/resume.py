@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from jaxprune import checkpoints
 from jaxprune.errors import ResumeError
+from jaxprune.prune_config import flat_settings
 
 RUN_FILE = "run.json"
 LAYERS_DIR = "layers"
@@ -30,9 +31,12 @@ _NOT_FINGERPRINTED = ("progress", "out")
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide a run's result (JSON-normalised ``to_dict(cfg)`` less progress
-    bars and the parent output folder)."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _NOT_FINGERPRINTED}
+    """The settings that decide a run's result: JSON-normalised ``to_dict(cfg)`` as flat dotted
+    keys (``softmax.lam``; the flat keys of runs started before the config had sections are
+    moved to theirs, and a fingerprint comes back unchanged), less progress bars and the parent
+    output folder."""
+    flat = flat_settings(json.loads(json.dumps(config)))
+    return {k: v for k, v in flat.items() if k not in _NOT_FINGERPRINTED}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list:
@@ -151,7 +155,7 @@ class LayerStore:
                 f"layer checkpoint {where} cannot be read ({type(err).__name__}); delete that "
                 "folder to redo the layer."
             ) from err
-        if meta.get("fingerprint") != self.fingerprint:
+        if fingerprint(meta.get("fingerprint") or {}) != self.fingerprint:
             raise checkpoints.CheckpointError(
                 f"layer checkpoint {where} was written with other settings than {RUN_FILE} "
                 "records; the run folder is mixed up, start a new run."

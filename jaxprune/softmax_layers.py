@@ -120,13 +120,13 @@ def prune_qk_softmax_layers(
     values = value_weights or [None] * len(weights)
     layers = list(zip(weights, xs, stats, values, strict=True))
     one = partial(prune_qk_softmax, cfg=cfg, progress=progress, desc=desc, **shape_kw)
-    if cfg.optimizer == "gd" or len({x.shape for x in xs}) > 1:
+    if cfg.softmax.optimizer == "gd" or len({x.shape for x in xs}) > 1:
         return [one(w, x, s, value_weights=v) for w, x, s, v in layers]
     setups = [solve_setup(w, x, s, cfg, shape_kw, v) for w, x, s, v in layers]
     devices = sharding.solve_devices() if devices is None else list(devices)
     mesh = sharding.solve_mesh(n_kv_heads, len(setups), devices)
     split = 1 if mesh is None else mesh.shape[sharding.LAYERS]
-    size = max_layers or layers_per_batch(setups[0], n_heads, cfg.row_block, split)
+    size = max_layers or layers_per_batch(setups[0], n_heads, cfg.softmax.row_block, split)
     size = max(split, size // split * split)
     out = []
     for lo in range(0, len(setups), size):
@@ -151,7 +151,7 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
     loss_fn, per_layer = _stacked_loss(
         n_entries=padded[0].n_entries,
         query_idx=padded[0].query_idx,
-        row_block=cfg.row_block,
+        row_block=cfg.softmax.row_block,
         shape=tuple(sorted(shape_kw.items())),
     )
     init = _stack([s.init for s in padded])
@@ -174,15 +174,17 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
         means = [np.asarray(jnp.mean(v, axis=tuple(range(1, v.ndim)))) for v in masks.values()]
         return np.mean(means, axis=0)
 
-    lams, searched = np.full(len(padded), cfg.lam), [{} for _ in padded]
-    if cfg.lam_search:
-        for cand in cfg.lam_grid:
-            res, _, _ = solve(np.full(len(padded), cand), cfg.search_steps, f"{desc} lam={cand:g}")
+    lams, searched = np.full(len(padded), cfg.softmax.lam), [{} for _ in padded]
+    if cfg.softmax.lam_search:
+        for cand in cfg.softmax.lam_grid:
+            res, _, _ = solve(
+                np.full(len(padded), cand), cfg.softmax.search_steps, f"{desc} lam={cand:g}"
+            )
             for i, mean in enumerate(mask_means(res.masks)):
                 searched[i][cand] = float(mean)
         want = keep_fraction(cfg)
         lams = np.array([min(s, key=lambda c, s=s: abs(s[c] - want)) for s in searched])
-    res, placed_init, data = solve(lams, cfg.steps, desc)
+    res, placed_init, data = solve(lams, cfg.softmax.steps, desc)
     first = per_layer(placed_init, data)[0]
     last, last_aux = per_layer(res.masks, data)
     masks = res.masks if mesh is None else sharding.gather(res.masks)

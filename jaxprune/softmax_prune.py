@@ -1,7 +1,7 @@
 """The softmax-aware method on a real layer: masks on W_Q and W_K optimised against the attention
 probabilities (the factored objective), then rounded to the requested pattern.
 
-Choices (all settings of :class:`jaxprune.pipeline.PruneConfig`):
+Choices (the ``softmax`` section of :class:`jaxprune.prune_config.PruneConfig`):
   * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
     lambda fits every layer (``normalize``);
   * start from ``M = 1`` (the paper) or from Wanda's ordering as quantile ranks in ``[0, 1]``
@@ -201,7 +201,7 @@ def prune_qk_softmax(
       weights: ``{"q": (d, h*dh), "k": (d, g*dh)}`` dense kernels.
       x: attention inputs of the calibration subset ``(b, n, d)``.
       stats: ``InputStats`` of the layer's attention input (Wanda init and SparseGPT update).
-      cfg: a ``PruneConfig``.
+      cfg: a ``PruneConfig`` (its ``softmax`` section, seed, sparsity, pattern and group).
       n_heads, n_kv_heads, rope_theta: the layer's attention shape.
       rope_scaling: the model's Llama 3 RoPE scaling (``LlamaConfig.rope_scaling``) or ``None``.
       value_weights: ``{"v", "o"}`` dense kernels of the layer, needed by ``term="output"``.
@@ -222,7 +222,7 @@ def prune_qk_softmax(
         _mask_loss,
         n_entries=setup.n_entries,
         query_idx=setup.query_idx,
-        row_block=cfg.row_block,
+        row_block=cfg.softmax.row_block,
         shape=tuple(sorted(shape_kw.items())),
     )
     # Several devices: the solve's arrays are split over key/value groups (jaxprune.sharding).
@@ -230,19 +230,19 @@ def prune_qk_softmax(
     init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
     solve_kw = dict(data=data, progress=progress, **solve_options(cfg))
 
-    lam, searched = cfg.lam, {}
-    if cfg.lam_search:
-        for cand in cfg.lam_grid:
+    lam, searched = cfg.softmax.lam, {}
+    if cfg.softmax.lam_search:
+        for cand in cfg.softmax.lam_grid:
             res = solve_masks(
                 loss_of(lam=cand),
                 init,
-                steps=cfg.search_steps,
+                steps=cfg.softmax.search_steps,
                 desc=f"{desc} lam={cand:g}",
                 **solve_kw,
             )
             searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
         lam = min(searched, key=lambda c: abs(searched[c] - keep_fraction(cfg)))
-    res = solve_masks(loss_of(lam=lam), init, steps=cfg.steps, desc=desc, **solve_kw)
+    res = solve_masks(loss_of(lam=lam), init, steps=cfg.softmax.steps, desc=desc, **solve_kw)
     masks = res.masks if mesh is None else sharding.gather(res.masks)
     new, keep, update_info = round_and_update(
         masks, weights, x, stats, cfg, setup, shape_kw, progress=progress, desc=desc
@@ -283,18 +283,26 @@ def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSe
     :func:`prune_qk_softmax`; ``shape_kw`` holds the layer's attention shape)."""
     n = x.shape[1]
     query_idx = None
-    if cfg.query_rows and cfg.query_rows < n:
+    if cfg.softmax.query_rows and cfg.softmax.query_rows < n:
         rng = np.random.default_rng(cfg.seed)
-        query_idx = tuple(int(i) for i in np.sort(rng.choice(n, cfg.query_rows, replace=False)))
-    blocked = cfg.row_block is not None
+        query_idx = tuple(
+            int(i) for i in np.sort(rng.choice(n, cfg.softmax.query_rows, replace=False))
+        )
+    blocked = cfg.softmax.row_block is not None
     if blocked and query_idx is not None:
-        raise ValueError("row_block and query_rows exclude each other: set one of them.")
-    if blocked and cfg.update == "softmax":
-        raise ValueError("update=softmax needs the direct attention term: unset row_block.")
-    if blocked and cfg.term == "output":
-        raise ValueError("term=output needs the direct attention term: unset row_block.")
+        raise ValueError(
+            "softmax.row_block and softmax.query_rows exclude each other: set one of them."
+        )
+    if blocked and cfg.softmax.update == "softmax":
+        raise ValueError(
+            "softmax.update=softmax needs the direct attention term: unset softmax.row_block."
+        )
+    if blocked and cfg.softmax.term == "output":
+        raise ValueError(
+            "softmax.term=output needs the direct attention term: unset softmax.row_block."
+        )
     values = None
-    if cfg.term == "output":
+    if cfg.softmax.term == "output":
         if value_weights is None:
             raise ValueError("term=output needs the layer's v and o kernels (value_weights).")
         values = head_values(
@@ -308,21 +316,21 @@ def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSe
         # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
         ones = {k: jnp.ones_like(w) for k, w in weights.items()}
         target = None
-        dense_scale = _blocked_term(ones, weights, x, cfg.row_block, shape_kw)[1]
+        dense_scale = _blocked_term(ones, weights, x, cfg.softmax.row_block, shape_kw)[1]
     else:
         target, dense_scale = _target(
             weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw
         )
     if values is not None:
         dense_scale = _output_scale(target, values)
-    scale = dense_scale if cfg.normalize else jnp.ones(())
+    scale = dense_scale if cfg.softmax.normalize else jnp.ones(())
 
     # With normalize, the attention term is relative to its dense value and the regulariser is
     # the mean of M^2, so lam trades the two at the same scale in every layer and model.
-    n_entries = sum(w.size for w in weights.values()) if cfg.normalize else 1.0
+    n_entries = sum(w.size for w in weights.values()) if cfg.softmax.normalize else 1.0
 
     group = cfg.group_or_default
-    if cfg.init == "wanda":
+    if cfg.softmax.init == "wanda":
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
@@ -332,13 +340,13 @@ def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSe
 def solve_options(cfg) -> dict:
     """The :func:`jaxprune.solvers.solve_masks` options of the mask solve."""
     options = dict(
-        optimizer=cfg.optimizer,
-        step_size=cfg.lr,
-        schedule=cfg.schedule,
+        optimizer=cfg.softmax.optimizer,
+        step_size=cfg.softmax.lr,
+        schedule=cfg.softmax.schedule,
         project=True,
-        chunk_steps=min(cfg.steps, 25),
+        chunk_steps=min(cfg.softmax.steps, 25),
     )
-    if cfg.optimizer == "gd" and cfg.lr <= 0:
+    if cfg.softmax.optimizer == "gd" and cfg.softmax.lr <= 0:
         options["step_size"] = None
     return options
 
@@ -349,7 +357,7 @@ def keep_fraction(cfg) -> float:
 
 
 def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress, desc):
-    """Rounds solved masks to the pattern and applies the weight update of ``cfg.update``.
+    """Rounds solved masks to the pattern and applies the weight update of ``cfg.softmax.update``.
 
     Returns:
       ``(new_kernels, keep, update_info)``.
@@ -359,18 +367,18 @@ def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress
     for k, w in weights.items():
         # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
         # (a second sort key, so it never reorders distinct mask values).
-        tiebreak = wanda_scores(w, stats) if cfg.tiebreak else None
-        scores = mask_scores(masks[k], w, cfg.score)
+        tiebreak = wanda_scores(w, stats) if cfg.softmax.tiebreak else None
+        scores = mask_scores(masks[k], w, cfg.softmax.score)
         keep[k] = binarize(
             scores, cfg.sparsity_or_none, cfg.pattern, group=group, tiebreak=tiebreak
         )
         new[k] = (
             sparsegpt_reconstruct(w, stats, keep[k])
-            if cfg.update == "sparsegpt"
+            if cfg.softmax.update == "sparsegpt"
             else jnp.where(keep[k], w, 0)
         )
     update_info = {}
-    if cfg.update == "softmax":
+    if cfg.softmax.update == "softmax":
         _, _, target, scale, values = setup.data
         new, update_info = reconstruct_qk_softmax(
             weights,
@@ -380,8 +388,8 @@ def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress
             attn_scale=scale,
             query_idx=setup.query_idx,
             values=values,
-            steps=cfg.update_steps,
-            lr=cfg.update_lr,
+            steps=cfg.softmax.update_steps,
+            lr=cfg.softmax.update_lr,
             progress=progress,
             desc=f"{desc} update",
             **shape_kw,

@@ -14,18 +14,19 @@ from pathlib import Path
 
 from jaxprune import plots, results
 from jaxprune.compare import format_difference, paired_bootstrap
-from jaxprune.config import ConfigError, from_dict, to_dict
-from jaxprune.pipeline import PruneConfig
+from jaxprune.config import ConfigError, flatten, from_dict, to_dict
+from jaxprune.prune_config import PruneConfig, flat_settings
 
 
 @dataclasses.dataclass(frozen=True)
 class TableConfig:
     """Rows of the head-to-head comparison."""
 
-    # PruneConfig keys shared by every row.
+    # PruneConfig keys shared by every row (sections nested, softmax: {steps: 60}, or dotted).
     base: dict = field(default_factory=dict)
-    # The rows: each a mapping with "name", PruneConfig keys and optionally "reference" (the name
-    # of the row its perplexity is compared with, paired over the same windows).
+    # The rows: each a mapping with "name", PruneConfig keys (a row's keys override base's, key by
+    # key inside sections too) and optionally "reference" (the name of the row its perplexity is
+    # compared with, paired over the same windows).
     rows: tuple[dict, ...] = field(default=(), metadata={"nonempty": True})
     # Folder of the table (rows' run folders go in out/runs).
     out: str = "runs/table"
@@ -60,10 +61,12 @@ class TableConfig:
         """Validated configs of the rows, by name."""
         out = {}
         for row in self.rows:
-            raw = {**self.base, **{k: v for k, v in row.items() if k not in ("name", "reference")}}
-            raw["out"] = str(Path(self.out) / "runs")
+            source = f"row {row['name']!r}"
+            own = {k: v for k, v in row.items() if k not in ("name", "reference")}
             try:
-                out[row["name"]] = from_dict(PruneConfig, raw, source=f"row {row['name']!r}")
+                raw = flatten(PruneConfig, self.base, source) | flatten(PruneConfig, own, source)
+                raw["out"] = str(Path(self.out) / "runs")
+                out[row["name"]] = from_dict(PruneConfig, raw, source=source)
             except ConfigError as err:
                 message = str(err).removeprefix(f"row {row['name']!r}: ")
                 raise ValueError(f"row {row['name']!r}: {message}") from err
@@ -71,9 +74,12 @@ class TableConfig:
 
 
 def _same_settings(stored: dict, current: dict) -> bool:
-    """Whether a stored row measured these settings. A key the stored config lacks was added to
-    ``PruneConfig`` after the row ran; the row measured its default, so it matches only that."""
-    defaults = json.loads(json.dumps(to_dict(PruneConfig())))
+    """Whether a stored row measured these settings. Both are configs as ``metrics.json`` holds
+    them, nested or (rows stored before the sections) flat; they are compared as flat dotted keys
+    (:func:`flat_settings`). A key the stored config lacks was added to ``PruneConfig`` after the
+    row ran; the row measured its default, so it matches only that."""
+    stored, current = flat_settings(stored), flat_settings(current)
+    defaults = flat_settings(json.loads(json.dumps(to_dict(PruneConfig()))))
     for key, value in current.items():
         if key in stored:
             if stored[key] != value:
@@ -131,7 +137,8 @@ def run(cfg: TableConfig) -> dict:
             print(f"[table] {name}: {summary(metrics)}", flush=True)
         else:
             print(f"[table] {name}: reusing {metrics['run_dir']}", flush=True)
-        rows.append({"name": name, **metrics})
+        # The command that reproduces the row today (a stored one may use flags since renamed).
+        rows.append({"name": name, **metrics, "command": command})
         _write(out, rows, cfg)
     rows = _with_comparisons(rows, cfg)
     return {

@@ -86,47 +86,30 @@ print(f"JAX {jax.__version__}, backend {jax.default_backend()}: {jax.devices()}"
 SIZE = os.environ.get("JAXPRUNE_NOTEBOOK_SIZE") or (
     "small" if jax.default_backend() == "cpu" else "full"
 )
-# PruneConfig fields per size (jaxprune.pipeline.PruneConfig documents each one).
+# PruneConfig settings per size, in its sections (jaxprune/prune_config.py documents each one).
 SIZES = {
-    "small": dict(
-        layers=(0, 1, 2),
-        calib_samples=2,
-        calib_seq_len=128,
-        softmax_samples=2,
-        softmax_seq_len=128,
-        steps=10,
-        heldout_samples=2,
-        eval_windows=2,
-        eval_seq_len=256,
-    ),
-    "medium": dict(
-        calib_samples=4,
-        calib_seq_len=256,
-        softmax_samples=4,
-        softmax_seq_len=256,
-        steps=60,
-        heldout_samples=2,
-        eval_windows=1,
-        eval_seq_len=2048,
-    ),
-    "full": dict(
-        calib_samples=32,
-        calib_seq_len=2048,
-        softmax_samples=8,
-        softmax_seq_len=512,
-        steps=80,
-        heldout_samples=4,
-        eval_windows=32,
-        eval_seq_len=2048,
-        eval_batch=4,
-    ),
+    "small": {
+        "layers": [0, 1, 2],
+        "calibration": {"samples": 2, "seq_len": 128},
+        "softmax": {"samples": 2, "seq_len": 128, "steps": 10},
+        "eval": {"heldout_samples": 2, "windows": 2, "seq_len": 256},
+    },
+    "medium": {
+        "calibration": {"samples": 4, "seq_len": 256},
+        "softmax": {"samples": 4, "seq_len": 256, "steps": 60},
+        "eval": {"heldout_samples": 2, "windows": 1, "seq_len": 2048},
+    },
+    "full": {
+        "calibration": {"samples": 32, "seq_len": 2048},
+        "softmax": {"samples": 8, "seq_len": 512, "steps": 80},
+        "eval": {"heldout_samples": 4, "windows": 32, "seq_len": 2048, "batch": 4},
+    },
 }
 if SIZE not in SIZES:
     raise ValueError(f"JAXPRUNE_NOTEBOOK_SIZE={SIZE!r}: use one of {sorted(SIZES)}.")
 print(f"size {SIZE}: {SIZES[SIZE]}")
 
 # %%
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -141,6 +124,7 @@ from IPython.display import Markdown, display
 from matplotlib.colors import LogNorm
 
 from jaxprune import data
+from jaxprune.config import replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.model import projection_kernels
 from jaxprune.objective import qk_layer_probs
@@ -202,14 +186,11 @@ print(f"data: {DATA_DIR}")
 # `~/.cache/jaxprune`), dequantised to float32, with its tokenizer.
 
 # %%
-cfg = PruneConfig(
-    targets="qk",
-    sparsity=0.5,
-    eval_data=("wikitext2",),
+cfg = replace(
+    PruneConfig(targets="qk", sparsity=0.5, save_params=False, progress=False),
+    SIZES[SIZE],
     data_dir=str(DATA_DIR),
-    save_params=False,
-    progress=False,
-    **SIZES[SIZE],
+    eval={"data": ["wikitext2"]},
 )
 start = time.perf_counter()
 dense, tokenizer = load_model(cfg.model)
@@ -221,23 +202,27 @@ print(
 )
 
 calib = data.calibration_windows(
-    tokenizer, cfg.protocol, cfg.calib_samples, cfg.calib_seq_len, cfg.data_dir
+    tokenizer,
+    cfg.calibration.protocol,
+    cfg.calibration.samples,
+    cfg.calibration.seq_len,
+    cfg.data_dir,
 )
 heldout = data.eval_windows(
     tokenizer,
     "c4",
-    cfg.heldout_samples,
-    seq_len=min(cfg.softmax_seq_len, cfg.calib_seq_len),
+    cfg.eval.heldout_samples,
+    seq_len=min(cfg.softmax.seq_len, cfg.calibration.seq_len),
     data_dir=cfg.data_dir,
 )
 windows = data.eval_windows(
-    tokenizer, "wikitext2", cfg.eval_windows, seq_len=cfg.eval_seq_len, data_dir=cfg.data_dir
+    tokenizer, "wikitext2", cfg.eval.windows, seq_len=cfg.eval.seq_len, data_dir=cfg.data_dir
 )
 print(f"calibration {calib.shape}, held-out {heldout.shape}, WikiText-2 windows {windows.shape}")
 
 
 def wikitext_ppl(model) -> dict:
-    return perplexity(model, windows, batch_size=cfg.eval_batch, progress=False)
+    return perplexity(model, windows, batch_size=cfg.eval.batch, progress=False)
 
 
 ppl = {"dense": wikitext_ppl(dense)}
@@ -252,27 +237,27 @@ print(
 # Both run the library's layer-by-layer pipeline (`prune_model`): layer `l` is calibrated on
 # the inputs the already pruned layers `0..l-1` produce. The softmax-aware method uses the
 # library's defaults: Wanda-rank start, lambda 0.1, Adam (lr 0.01) with projection to
-# `[0, 1]`, rounding within each output as Wanda does (`init="ones", lam=0.03` is the paper's
-# own start, which the README's table finds worse in perplexity). Each method prunes its own
-# copy of the dense model.
+# `[0, 1]`, rounding within each output as Wanda does (`softmax: {init: ones, lam: 0.03}` is
+# the paper's own start, which the README's table finds worse in perplexity). Each method
+# prunes its own copy of the dense model.
 
 # %%
 configs = {
-    "Wanda": dataclasses.replace(cfg, method="wanda"),
-    "softmax-aware": dataclasses.replace(cfg, method="softmax"),
+    "Wanda": replace(cfg, method="wanda"),
+    "softmax-aware": replace(cfg, method="softmax"),
 }
-s = configs["softmax-aware"]
+s = configs["softmax-aware"].softmax
 print(
     f"softmax-aware: init {s.init}, lambda {s.lam}, {s.optimizer} lr {s.lr}, {s.steps} steps, "
-    f"attention term on {s.softmax_samples} x {s.softmax_seq_len} tokens"
+    f"attention term on {s.samples} x {s.seq_len} tokens"
 )
 models, reports = {}, {}
 for name, method_cfg in configs.items():
     models[name] = nnx.clone(dense)
     reports[name] = prune_model(
         models[name],
-        calibration_chunks(calib, method_cfg.micro_batch),
-        calibration_chunks(heldout, method_cfg.micro_batch),
+        calibration_chunks(calib, method_cfg.calibration.micro_batch),
+        calibration_chunks(heldout, method_cfg.calibration.micro_batch),
         method_cfg,
     )
     ppl[name] = wikitext_ppl(models[name])

@@ -145,12 +145,17 @@ def test_weights_with_random_bytes_are_refused_naming_a_tensor(world, tmp_path):
 @pytest.mark.parametrize(
     "flags,needles",
     [
-        (["--optimizer", "adam", "--lr", ".inf"], ["lr=inf", "finite"]),
-        (["--optimizer", "sgd", "--lr", ".inf"], ["lr=inf", "finite"]),
-        (["--lr", "-1"], ["lr=-1.0", "optimizer='adam'", "positive"]),
-        (["--lamda", "0.1"], ["unknown flag --lamda", "did you mean --lam?"]),
-        (["--calib_samples", "2"], ["unknown flag --calib_samples", "--calib-samples"]),
-        (["--lam-grid", "[0.1,"], ["--lam-grid", "not a value YAML reads"]),
+        (["--softmax.optimizer", "adam", "--softmax.lr", ".inf"], ["softmax.lr=inf", "finite"]),
+        (["--softmax.optimizer", "sgd", "--softmax.lr", ".inf"], ["softmax.lr=inf", "finite"]),
+        (["--softmax.lr", "-1"], ["softmax.lr=-1.0", "softmax.optimizer='adam'", "positive"]),
+        (["--softmax.lamda", "0.1"], ["unknown flag --softmax.lamda", "mean --softmax.lam?"]),
+        (["--softmax.lamb", "0.1"], ["unknown flag --softmax.lamb; did you mean --softmax.lam?"]),
+        (["--eval.window", "4"], ["unknown flag --eval.window; did you mean --eval.windows?"]),
+        (["--lamda", "0.1"], ["unknown flag --lamda; did you mean --softmax.lam?"]),
+        (["--lam", "0.1"], ["flag --lam moved to --softmax.lam"]),
+        (["--calib_samples", "2"], ["flag --calib_samples moved to --calibration.samples"]),
+        (["--eval-windows", "2"], ["flag --eval-windows moved to --eval.windows"]),
+        (["--softmax.lam-grid", "[0.1,"], ["--softmax.lam-grid", "not a value YAML reads"]),
     ],
 )
 def test_bad_settings_are_refused_before_the_model_loads(world, flags, needles):
@@ -191,25 +196,28 @@ def test_debug_shows_the_traceback(world):
 
 def test_flags_take_python_numbers_and_describe_themselves():
     import argparse
-    import dataclasses
 
     from jaxprune.commands import prune as prune_cmd
-    from jaxprune.config import from_dict, yaml_value
+    from jaxprune.config import leaf_fields
     from jaxprune.pipeline import PruneConfig
 
     parser = argparse.ArgumentParser()
     prune_cmd.add_arguments(parser)
-    args = parser.parse_args(["--lr", "1e-3", "--sparsity", "5e-1", "--lam-grid", "[1e-2, .5]"])
-    raw = {
-        f.name: yaml_value(getattr(args, f.name))
-        for f in dataclasses.fields(PruneConfig)
-        if getattr(args, f.name) is not None
-    }
-    cfg = from_dict(PruneConfig, raw)
-    assert (cfg.lr, cfg.sparsity, cfg.lam_grid) == (1e-3, 0.5, (0.01, 0.5))
+    words = ["--softmax.lr", "1e-3", "--sparsity", "5e-1", "--softmax.lam-grid", "[1e-2, .5]"]
+    cfg = prune_cmd.config_from_args(parser.parse_args([*words, "--eval.windows", "4"]))
+    assert (cfg.softmax.lr, cfg.sparsity, cfg.softmax.lam_grid) == (1e-3, 0.5, (0.01, 0.5))
+    assert cfg.eval.windows == 4 and cfg.softmax.lam == PruneConfig().softmax.lam
     text = " ".join(parser.format_help().split())
-    assert "--lam FLOAT Softmax-aware: lambda" in text
+    assert "--softmax.lam FLOAT Lambda (with normalize, relative to" in text
+    assert "--eval.data LIST Evaluation sets: wikitext2, c4" in text
     assert "Default: [wikitext2, c4]" in text and "--pattern TEXT unstructured, or N:M" in text
+    assert "softmax (--softmax.KEY): The softmax-aware method" in text
+    # Every flag has its description and its default.
+    body = text.split(" options: ", 1)[1]  # past the usage line
+    for key, *_ in leaf_fields(PruneConfig):
+        help_text = body.split(prune_cmd.flag(key) + " ", 1)[1].split(" --", 1)[0]
+        assert len(help_text.split("Default: ")[0].split()) > 2, key
+        assert "Default: " in help_text, key
 
 
 def test_unknown_config_key_names_the_nearest():
@@ -218,6 +226,10 @@ def test_unknown_config_key_names_the_nearest():
 
     with pytest.raises(ConfigError, match=r"unknown key 'sparsty'.*did you mean 'sparsity'"):
         from_dict(PruneConfig, {"sparsty": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown key 'softmax.lamb'.*mean 'softmax.lam'\?"):
+        from_dict(PruneConfig, {"softmax": {"lamb": 0.5}})
+    with pytest.raises(ConfigError, match=r"unknown key 'eval.window'.*mean 'eval.windows'\?"):
+        from_dict(PruneConfig, {"eval.window": 4})
 
 
 def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(capsys):
@@ -245,39 +257,45 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(capsys):
 
 
 def test_diverged_solve_names_the_flags():
+    from jaxprune.config import from_dict
     from jaxprune.pipeline import PruneConfig, _diverged
     from jaxprune.solvers import SolveDivergedError
 
-    cfg = PruneConfig(method="softmax", optimizer="sgd", lr=100.0)
+    cfg = from_dict(PruneConfig, {"method": "softmax", "softmax": {"optimizer": "sgd", "lr": 100}})
     err = SolveDivergedError(
         "the solve diverged at step 3: loss 1e+09 (start 0.5). Use a smaller step_size than "
         "100, or optimizer='gd' with step_size=None (derived, monotone)."
     )
     message = str(_diverged(err, cfg, 7))
     assert message.startswith("layer 7: the solve diverged at step 3: loss 1e+09 (start 0.5)")
-    assert "--lr" in message and "--optimizer gd --lr 0" in message and "step_size" not in message
+    assert "--softmax.lr than 100" in message and "step_size" not in message
+    assert "--softmax.optimizer gd --softmax.lr 0" in message
 
 
 def test_a_solve_that_rises_or_collapses_is_warned_about():
+    from jaxprune.config import from_dict
     from jaxprune.pipeline import PruneConfig, _solve_warnings
 
-    cfg = PruneConfig(method="softmax", lr=0.5)
+    cfg = from_dict(PruneConfig, {"method": "softmax", "softmax.lr": 0.5})
     good = {"initial_loss": 1.0, "final_loss": 0.5, "mask_mean": 0.45, "lam": 0.1}
     assert _solve_warnings(good, cfg, 0) == []
     bad = {"initial_loss": 0.1, "final_loss": 0.6, "mask_mean": 0.001, "lam": 0.1}
     rose, collapsed = _solve_warnings(bad, cfg, 3)
-    assert rose.startswith("layer 3: the softmax-aware solve ended at loss 0.6") and "--lr" in rose
-    assert "collapsed (mean 0.001" in collapsed and "--lam" in collapsed
+    assert rose.startswith("layer 3: the softmax-aware solve ended at loss 0.6")
+    assert "--softmax.lr (now 0.5)" in rose
+    assert "collapsed (mean 0.001" in collapsed and "--softmax.lam (now 0.1)" in collapsed
 
 
 def test_settings_checked_against_the_model_shapes():
+    from jaxprune.config import replace
     from jaxprune.errors import ModelError
     from jaxprune.pipeline import PruneConfig, check_model
 
     c = tiny_config()
-    check_model(PruneConfig(method="sparsegpt", targets="all", pattern="4:8", blocksize=16), c)
-    with pytest.raises(ModelError, match=r"blocksize=6 is not a multiple of M=4"):
-        check_model(PruneConfig(method="sparsegpt", pattern="2:4", blocksize=6), c)
+    sparsegpt = PruneConfig(method="sparsegpt", targets="all", pattern="4:8")
+    check_model(replace(sparsegpt, sparsegpt={"blocksize": 16}), c)
+    with pytest.raises(ModelError, match=r"sparsegpt.blocksize=6 is not a multiple of M=4"):
+        check_model(replace(sparsegpt, pattern="2:4", sparsegpt={"blocksize": 6}), c)
     with pytest.raises(ModelError, match=r"the down projections .* take 48 inputs"):
         check_model(PruneConfig(method="wanda", targets="all", pattern="1:32"), c)
     with pytest.raises(ModelError, match=r"layers=\[2\]: model m has 2 layers"):
@@ -288,10 +306,11 @@ def test_learning_rate_and_layer_settings():
     from jaxprune.config import ConfigError, from_dict
     from jaxprune.pipeline import PruneConfig
 
-    assert from_dict(PruneConfig, {"optimizer": "gd", "lr": 0}).lr == 0.0  # derived step size
+    derived = from_dict(PruneConfig, {"softmax": {"optimizer": "gd", "lr": 0}})
+    assert derived.softmax.lr == 0.0  # the derived step size
     for raw, match in [
-        ({"lr": 0}, r"lr=0.0 cannot work with optimizer='adam'"),
-        ({"lr": float("nan")}, r"lr=nan: expected a finite number"),
+        ({"softmax.lr": 0}, r"softmax.lr=0.0 cannot work with softmax.optimizer='adam'"),
+        ({"softmax": {"lr": float("nan")}}, r"softmax.lr=nan: expected a finite number"),
         ({"layers": []}, r"layers=\[\]: give layer indices"),
         ({"layers": [-1]}, r"layers=\[-1\]"),
     ]:

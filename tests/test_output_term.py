@@ -3,14 +3,13 @@ block's real output, rather than of the probabilities alone."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tiny_run import tiny_config
 
+from jaxprune.config import from_dict, replace
 from jaxprune.model import Llama, projection_kernels
 from jaxprune.objective import attention_output, head_values, qk_layer_probs, qk_pruning_loss
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
@@ -61,21 +60,22 @@ def test_output_term_is_the_squared_change_of_the_block_output():
 
 def test_pipeline_with_the_output_term_records_the_output_error():
     tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
-    cfg = PruneConfig(
-        method="softmax",
-        targets="qk",
-        softmax_samples=2,
-        softmax_seq_len=16,
-        steps=10,
-        heldout_samples=0,
-        progress=False,
-        layers=(0,),
+    cfg = from_dict(
+        PruneConfig,
+        {
+            "method": "softmax",
+            "targets": "qk",
+            "softmax": {"samples": 2, "seq_len": 16, "steps": 10},
+            "eval": {"heldout_samples": 0},
+            "progress": False,
+            "layers": [0],
+        },
     )
     runs = {}
     for term in ("probs", "output"):
         m = Llama(TINY, rngs=nnx.Rngs(5))
         runs[term] = prune_model(
-            m, calibration_chunks(tokens, 2), [], dataclasses.replace(cfg, term=term)
+            m, calibration_chunks(tokens, 2), [], replace(cfg, softmax={"term": term})
         )
     info = runs["output"]["layers"][0]
     assert info["final_attention_term"] < info["initial_loss"]

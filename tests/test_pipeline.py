@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +10,20 @@ from flax import nnx
 from tiny_run import tiny_config
 
 from jaxprune.baselines import init_stats, prune_matrix, update_stats
-from jaxprune.config import ConfigError, from_dict
+from jaxprune.config import ConfigError, from_dict, replace
 from jaxprune.job import command_for
 from jaxprune.model import Llama, projection_kernels
 from jaxprune.pipeline import TARGETS, PruneConfig, calibration_chunks, prune_model
 
 TINY = tiny_config()
-BASE = PruneConfig(
-    softmax_samples=2, softmax_seq_len=12, steps=15, heldout_samples=1, progress=False, blocksize=16
+BASE = from_dict(
+    PruneConfig,
+    {
+        "softmax": {"samples": 2, "seq_len": 12, "steps": 15},
+        "eval": {"heldout_samples": 1},
+        "sparsegpt": {"blocksize": 16},
+        "progress": False,
+    },
 )
 
 
@@ -55,7 +59,7 @@ def kernels_of(model):
 def test_exact_sparsity_on_targets_and_nothing_else_touched(method, targets, pattern, group):
     model = tiny_model()
     before = kernels_of(model)
-    cfg = dataclasses.replace(BASE, method=method, targets=targets, pattern=pattern, group=group)
+    cfg = replace(BASE, method=method, targets=targets, pattern=pattern, group=group)
     # Per output: Wanda's default, and the softmax-aware rounding's (q/k) by default.
     per_output = group == "output" or (
         group is None and method == "wanda" and pattern == "unstructured"
@@ -88,7 +92,7 @@ def test_layer_one_is_calibrated_on_the_pruned_layer_zero():
     model = tiny_model(1)
     calib = tokens(4, 16, seed=2)
     dense_kernels = kernels_of(model)
-    cfg = dataclasses.replace(BASE, method="wanda", targets="attn", heldout_samples=0)
+    cfg = replace(BASE, method="wanda", targets="attn", eval={"heldout_samples": 0})
     report = prune_model(model, calibration_chunks(calib, 4), [], cfg)
     # Recompute layer 1's Wanda mask from the inputs the *pruned* layer 0 produces.
     cos, sin = model.rope(16)
@@ -103,7 +107,7 @@ def test_layer_one_is_calibrated_on_the_pruned_layer_zero():
 
 def test_softmax_method_reports_its_solve_and_lowers_its_own_objective():
     model = tiny_model(2)
-    cfg = dataclasses.replace(BASE, method="softmax", targets="qk", steps=40, lam=0.05)
+    cfg = replace(BASE, method="softmax", targets="qk", softmax={"steps": 40, "lam": 0.05})
     report = prune_model(model, calibration_chunks(tokens(4, 16, 3), 2), [], cfg)
     for layer in report["layers"]:
         assert layer["final_loss"] < layer["initial_loss"]
@@ -113,8 +117,10 @@ def test_softmax_method_reports_its_solve_and_lowers_its_own_objective():
 
 def test_lambda_search_picks_the_grid_value_nearest_the_kept_fraction():
     model = tiny_model(3)
-    cfg = dataclasses.replace(
-        BASE, method="softmax", lam_search=True, lam_grid=(0.001, 1.0, 100.0), search_steps=10
+    cfg = replace(
+        BASE,
+        method="softmax",
+        softmax={"lam_search": True, "lam_grid": [0.001, 1.0, 100.0], "search_steps": 10},
     )
     report = prune_model(model, calibration_chunks(tokens(2, 16, 4), 2), [], cfg)
     for layer in report["layers"]:
@@ -125,7 +131,7 @@ def test_lambda_search_picks_the_grid_value_nearest_the_kept_fraction():
 def test_only_the_chosen_layers_are_pruned():
     model = tiny_model(4)
     before = kernels_of(model)
-    cfg = dataclasses.replace(BASE, method="magnitude", layers=(1,))
+    cfg = replace(BASE, method="magnitude", layers=[1])
     report = prune_model(model, calibration_chunks(tokens(), 2), [], cfg)
     assert set(report["masks"]) == {1}
     np.testing.assert_array_equal(kernels_of(model)[0]["q"], before[0]["q"])
@@ -134,9 +140,7 @@ def test_only_the_chosen_layers_are_pruned():
 def test_dense_method_changes_nothing():
     model = tiny_model(5)
     before = kernels_of(model)
-    report = prune_model(
-        model, calibration_chunks(tokens(), 2), [], dataclasses.replace(BASE, method="dense")
-    )
+    report = prune_model(model, calibration_chunks(tokens(), 2), [], replace(BASE, method="dense"))
     assert report["masks"] == {}
     for b, a in zip(before, kernels_of(model), strict=True):
         for k in b:
@@ -150,7 +154,7 @@ def test_dense_method_changes_nothing():
         ({"sparsity": 1.0}, r"out of range"),
         ({"pattern": "5:4"}, r"N <= M"),
         ({"targets": "mlp"}, r"choose one of \['qk', 'attn', 'all'\]"),
-        ({"eval_data": ["ptb"]}, r"use wikitext2, c4 or c4-paper"),
+        ({"eval": {"data": ["ptb"]}}, r"eval.data entry 'ptb': use wikitext2, c4 or c4-paper"),
     ],
 )
 def test_bad_prune_settings_are_one_clear_error(raw, match):
@@ -162,16 +166,14 @@ def test_table_command_round_trips_through_the_cli_parser():
     import argparse
 
     from jaxprune.commands import prune as prune_cmd
-    from jaxprune.config import yaml_value
 
     cfg = from_dict(
         PruneConfig,
         {
             "method": "softmax",
             "pattern": "2:4",
-            "lam_grid": [0.1, 1.0],
-            "eval_data": ["wikitext2"],
-            "lam_search": True,
+            "softmax": {"lam_grid": [0.1, 1.0], "lam_search": True},
+            "eval.data": ["wikitext2"],
         },
     )
     command = command_for(cfg)
@@ -179,13 +181,9 @@ def test_table_command_round_trips_through_the_cli_parser():
     prune_cmd.add_arguments(parser)
     import shlex
 
-    args = parser.parse_args(shlex.split(command)[2:])
-    raw = {
-        f.name: yaml_value(getattr(args, f.name))
-        for f in dataclasses.fields(PruneConfig)
-        if getattr(args, f.name) is not None
-    }
-    assert from_dict(PruneConfig, raw) == cfg
+    words = shlex.split(command)[2:]
+    assert "--softmax.lam-grid" in words and "--eval.data" in words
+    assert prune_cmd.config_from_args(parser.parse_args(words)) == cfg
 
 
 def test_paper_protocol_chunks_keep_each_sequence_whole():

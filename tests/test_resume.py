@@ -84,10 +84,10 @@ def test_killed_run_resumes_bit_identical_and_refuses_other_settings(world):
 
     # Other settings: refused in one line, the folder untouched.
     before = snapshot(run_dir)
-    other = cli(world, *flags(world, "killed", "--lr", "0.02", "--resume", str(run_dir)))
+    other = cli(world, *flags(world, "killed", "--softmax.lr", "0.02", "--resume", str(run_dir)))
     err = other.stderr.strip()
     assert other.returncode == 2 and "\n" not in err, other.stderr[-3000:]
-    assert "other settings (lr: 0.01 there, 0.02 now)" in err and str(run_dir) in err
+    assert "other settings (softmax.lr: 0.01 there, 0.02 now)" in err and str(run_dir) in err
     assert snapshot(run_dir) == before
 
     resumed = cli(world, *flags(world, "killed", "--resume", str(run_dir)))
@@ -127,9 +127,8 @@ def test_export_replaces_an_earlier_export_only_whole_and_warns_of_a_collapsed_m
     (export / "config.json").write_text("{}")
     (export / "stray.bin").write_bytes(b"old")
     # lam 100 and big Adam steps drive the relaxed mask to zero: the run finishes, warning.
-    args = flags(
-        world, "exported", "--export-hf", str(export), "--overwrite", "--lam", "100", "--lr", "0.5"
-    )
+    args = flags(world, "exported", "--export-hf", str(export), "--overwrite")
+    args += ["--softmax.lam", "100", "--softmax.lr", "0.5"]
     args += ["--targets", "qk", "--layers", "[0]", "--save-params", "false"]
     proc = cli(world, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from tiny_run import TINY_FLAGS, jaxprune, tiny_config, write_tiny_data, write_t
 
 from jaxprune import sharding, softmax_layers, softmax_prune
 from jaxprune.baselines import init_stats, update_stats
+from jaxprune.config import replace
 from jaxprune.model import Llama
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 from jaxprune.softmax_layers import prune_qk_softmax_layers
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 # One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
 D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
 SHAPE = dict(n_heads=H, n_kv_heads=G, rope_theta=1e4, rope_scaling=None)
-CFG = PruneConfig(method="softmax", steps=10, progress=False)
+CFG = replace(PruneConfig(), method="softmax", softmax={"steps": 10}, progress=False)
 
 
 def layer_problem(seed):
@@ -121,7 +122,7 @@ def test_a_key_head_and_its_query_heads_share_a_device():
 @pytest.mark.parametrize("row_block", [None, 8])
 def test_heads_sharded_step_communicates_only_scalars(row_block):
     weights, x, stats = layer_problem(0)
-    cfg = dataclasses.replace(CFG, row_block=row_block)
+    cfg = replace(CFG, softmax={"row_block": row_block})
     setup = solve_setup(weights, x, stats, cfg, SHAPE)
     mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
     init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
@@ -149,7 +150,7 @@ def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term):
         "v": jnp.asarray(rng.normal(size=(D, G * DH)) / np.sqrt(D), jnp.float32),
         "o": jnp.asarray(rng.normal(size=(H * DH, D)) / np.sqrt(H * DH), jnp.float32),
     }
-    cfg = dataclasses.replace(CFG, row_block=row_block, term=term)
+    cfg = replace(CFG, softmax={"row_block": row_block, "term": term})
     seen = recording(softmax_prune, monkeypatch)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
     ref = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
@@ -164,7 +165,9 @@ def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term):
     "devices,max_layers,lam_search", [(1, None, False), (2, 2, False), (2, None, True)]
 )
 def test_layers_solved_together_match_one_by_one(monkeypatch, devices, max_layers, lam_search):
-    cfg = dataclasses.replace(CFG, lam_search=lam_search, lam_grid=(0.1, 1.0), search_steps=5)
+    cfg = replace(
+        CFG, softmax={"lam_search": lam_search, "lam_grid": [0.1, 1.0], "search_steps": 5}
+    )
     problems = [layer_problem(seed) for seed in range(3)]
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
     ref = [prune_qk_softmax(w, x, s, cfg, **SHAPE) for w, x, s in problems]
@@ -190,12 +193,11 @@ def test_dense_layer_inputs_equal_each_layer_pruned_alone(monkeypatch):
     references on one."""
     config = tiny_config()
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (4, 16)).astype(np.int32)
-    base = PruneConfig(
+    base = replace(
+        PruneConfig(),
         method="softmax",
-        softmax_samples=2,
-        softmax_seq_len=12,
-        steps=10,
-        heldout_samples=0,
+        softmax={"samples": 2, "seq_len": 12, "steps": 10},
+        eval={"heldout_samples": 0},
         progress=False,
     )
     model = Llama(config, rngs=nnx.Rngs(0))
@@ -204,7 +206,7 @@ def test_dense_layer_inputs_equal_each_layer_pruned_alone(monkeypatch):
         model,
         calibration_chunks(tokens, 2),
         [],
-        dataclasses.replace(base, layer_inputs="dense"),
+        replace(base, calibration={"layer_inputs": "dense"}),
     )
     assert len(seen) == 1 and seen[0].spec == P("layers", None, "heads")
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
@@ -292,14 +294,14 @@ def test_dense_layer_inputs_from_the_command_line(tmp_path):
         *TINY_FLAGS,
         "--method",
         "softmax",
-        "--layer-inputs",
+        "--calibration.layer-inputs",
         "dense",
         "--json",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert metrics["config"]["layer_inputs"] == "dense"
+    assert metrics["config"]["calibration"]["layer_inputs"] == "dense"
     assert metrics["device_count"] == 2
     assert set(metrics["measured_sparsity"].values()) == {0.5}
     assert np.isfinite(metrics["perplexity"]["wikitext2"])

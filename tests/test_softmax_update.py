@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 from flax import nnx
 from tiny_run import tiny_config
 
+from jaxprune.config import from_dict, replace
 from jaxprune.model import Llama, projection_kernels
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 
 TINY = tiny_config()
-CFG = PruneConfig(
-    method="softmax",
-    targets="qk",
-    softmax_samples=2,
-    softmax_seq_len=16,
-    steps=20,
-    heldout_samples=0,
-    progress=False,
-    update_steps=60,
-    update_lr=0.02,
+CFG = from_dict(
+    PruneConfig,
+    {
+        "method": "softmax",
+        "targets": "qk",
+        "softmax": {
+            "samples": 2,
+            "seq_len": 16,
+            "steps": 20,
+            "update_steps": 60,
+            "update_lr": 0.02,
+        },
+        "eval": {"heldout_samples": 0},
+        "progress": False,
+    },
 )
 
 
 def run(update):
     model = Llama(TINY, rngs=nnx.Rngs(5))
     tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
-    cfg = dataclasses.replace(CFG, update=update, layers=(0,))
+    cfg = replace(CFG, softmax={"update": update}, layers=[0])
     report = prune_model(model, calibration_chunks(tokens, 2), [], cfg)
     kernels = {k: np.asarray(v[...]) for k, v in projection_kernels(model.layers[0]).items()}
     return report, kernels
@@ -54,7 +58,7 @@ def test_row_blocked_solve_gives_the_same_masks_as_the_direct_one():
     direct, _ = run("none")
     model = Llama(TINY, rngs=nnx.Rngs(5))
     tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
-    cfg = dataclasses.replace(CFG, update="none", layers=(0,), row_block=4)
+    cfg = replace(CFG, softmax={"update": "none", "row_block": 4}, layers=[0])
     blocked = prune_model(model, calibration_chunks(tokens, 2), [], cfg)
     for name in ("q", "k"):
         np.testing.assert_array_equal(blocked["masks"][0][name], direct["masks"][0][name])

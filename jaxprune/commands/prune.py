@@ -1,9 +1,9 @@
 """Prune a model: jaxprune prune --model smollm2-135m --method wanda --targets qk --sparsity 0.5.
 
-Every field of ``PruneConfig`` is a flag (``--calib-samples 8``, ``--lam-search true``); values
-are read as YAML (numbers as Python writes them: ``--lr 1e-3``) and validated like a config file.
-``--config FILE`` loads a YAML file first. A stopped run continues with ``--resume RUN_DIR`` and
-the same flags.
+Every field of ``PruneConfig`` is a flag, its sections' fields dotted (``--softmax.lam 0.03``,
+``--calibration.samples 8``, ``--softmax.lam-search true``); values are read as YAML (numbers as
+Python writes them: ``--softmax.lr 1e-3``) and validated like a config file. ``--config FILE``
+loads a YAML file first. A stopped run continues with ``--resume RUN_DIR`` and the same flags.
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ import json
 import types
 import typing
 
-from jaxprune.config import from_dict, load_yaml, yaml_text, yaml_value
+from jaxprune.config import from_dict, load_yaml, yaml_value
 
 # Fields whose flag values are taken as text, not parsed as YAML (paths and names).
 TEXT_FIELDS = ("model", "out", "data_dir")
+
+
+def flag(key: str) -> str:
+    """The flag of a dotted config key: ``softmax.lam_search`` -> ``--softmax.lam-search``."""
+    return "--" + key.replace("_", "-")
 
 
 def _metavar(field: dataclasses.Field, hint) -> str:
@@ -32,21 +37,30 @@ def _metavar(field: dataclasses.Field, hint) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxprune.config import field_help
-    from jaxprune.pipeline import PruneConfig
+    from jaxprune.config import field_help, leaf_fields, yaml_text
+    from jaxprune.prune_config import PruneConfig
 
     parser.add_argument("--config", help="YAML file of PruneConfig keys (flags override it)")
-    descriptions = field_help(PruneConfig)
-    hints = typing.get_type_hints(PruneConfig)
-    for f in dataclasses.fields(PruneConfig):
-        text = descriptions.get(f.name, "")
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
+    groups, descriptions = {}, {}
+    for key, f, hint, owner in leaf_fields(PruneConfig):
+        section = key.rpartition(".")[0]
+        if section not in groups:
+            doc = (owner.__doc__ or "").split("\n\n")[0]
+            groups[section] = parser.add_argument_group(
+                f"{section} (--{section}.KEY)" if section else "run",
+                " ".join(doc.split()) if section else None,
+            )
+        if owner not in descriptions:
+            descriptions[owner] = field_help(owner)
+        text = descriptions[owner].get(f.name, "")
+        groups[section].add_argument(
+            flag(key),
+            dest=key,
             default=None,
-            metavar=_metavar(f, hints[f.name]),
+            metavar=_metavar(f, hint),
             help=f"{text} Default: {yaml_text(f.default)}".strip().replace("%", "%%"),
         )
+    parser.moved_flags = {flag(old): flag(new) for old, new in PruneConfig.MOVED_KEYS.items()}
     parser.add_argument("--json", action="store_true", help="print one JSON object of metrics")
     parser.add_argument(
         "--export-hf", metavar="DIR", help="also write the pruned model as a Hugging Face folder"
@@ -63,18 +77,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def config_from_args(args: argparse.Namespace):
+    """The ``PruneConfig`` of parsed flags (over ``--config``'s file, if given).
+
+    Raises:
+      ConfigError: a bad key or value, in one line naming its flag.
+    """
+    from jaxprune.config import leaf_fields
+    from jaxprune.prune_config import PruneConfig
+
+    raw = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for key, *_ in leaf_fields(PruneConfig):
+        value = getattr(args, key, None)
+        if value is not None:
+            raw[key] = value if key in TEXT_FIELDS else yaml_value(value, what=flag(key))
+    return from_dict(PruneConfig, raw, source="jaxprune prune")
+
+
 def main(args: argparse.Namespace) -> int:
     from jaxprune.job import run_job, summary
-    from jaxprune.pipeline import PruneConfig
 
     # Config errors are reported in one line by jaxprune.cli.run_command.
-    raw = load_yaml(args.config) if args.config else {}
-    for f in dataclasses.fields(PruneConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            flag = f"--{f.name.replace('_', '-')}"
-            raw[f.name] = value if f.name in TEXT_FIELDS else yaml_value(value, what=flag)
-    cfg = from_dict(PruneConfig, raw, source="jaxprune prune")
+    cfg = config_from_args(args)
     metrics = run_job(
         cfg, export_hf=args.export_hf, overwrite=args.overwrite, resume_dir=args.resume
     )

@@ -1,0 +1,173 @@
+"""PruneConfig's sections: nested or dotted keys, dotted flags over a YAML file, old flat keys
+refused with their new place, and stored flat configs still read (table reuse, --resume)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxprune.config import ConfigError, from_dict, leaf_fields, load_yaml, replace, to_dict
+from jaxprune.prune_config import PruneConfig, flat_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = ROOT / "experiments" / "results" / "full"
+LEAVES = [key for key, *_ in leaf_fields(PruneConfig)]
+
+
+def test_nested_and_dotted_keys_give_the_same_config():
+    nested = from_dict(
+        PruneConfig,
+        {"method": "softmax", "softmax": {"lam": 0.03, "init": "ones"}, "eval": {"windows": 4}},
+    )
+    dotted = from_dict(
+        PruneConfig,
+        {"method": "softmax", "softmax.lam": 0.03, "softmax.init": "ones", "eval.windows": 4},
+    )
+    assert nested == dotted
+    assert (nested.softmax.lam, nested.softmax.init, nested.eval.windows) == (0.03, "ones", 4)
+    assert nested.softmax.steps == 80 and nested.calibration == PruneConfig().calibration
+    # A later key wins, and a section given twice keeps the keys of both.
+    mixed = from_dict(PruneConfig, {"softmax": {"lam": 0.5, "steps": 7}, "softmax.lam": 0.2})
+    assert (mixed.softmax.lam, mixed.softmax.steps) == (0.2, 7)
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"lam": 0.03}, r"'lam' moved to 'softmax.lam'; write softmax.lam: 0.03"),
+        ({"calib_samples": 8}, r"'calib_samples' moved to 'calibration.samples'"),
+        ({"eval_data": ["c4"]}, r"'eval_data' moved to 'eval.data'; write eval.data: \[c4\]"),
+        ({"blocksize": 64}, r"'blocksize' moved to 'sparsegpt.blocksize'"),
+        ({"softmax": 3}, r"softmax=3 in config: expected a mapping"),
+        ({"softmax": {"lam": -1}}, r"softmax.lam=-1.0 is out of range"),
+        ({"model.name": "x"}, r"unknown key 'model.name'"),
+    ],
+)
+def test_old_flat_keys_and_bad_sections_are_one_line(raw, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        from_dict(PruneConfig, raw)
+    assert "\n" not in str(info.value)
+
+
+def test_every_moved_key_lands_on_a_field_and_every_old_field_moved():
+    assert set(PruneConfig.MOVED_KEYS.values()) <= set(LEAVES)
+    results = ROOT / "experiments" / "results"
+    stored = [json.loads(p.read_text())["config"] for p in results.glob("*/runs/*/metrics.json")]
+    stored += [
+        row["config"] for p in results.glob("*/table.json") for row in json.loads(p.read_text())
+    ]
+    assert len(stored) >= 16 and all("lam" in c and "softmax" not in c for c in stored)  # flat
+    for config in stored:
+        assert set(flat_settings(config)) <= set(LEAVES)
+
+
+def old_flat(nested: dict) -> dict:
+    """A nested config written as the code before the sections wrote it (flat keys)."""
+    old_key = {new: old for old, new in PruneConfig.MOVED_KEYS.items()}
+    flat = {k: v for k, v in nested.items() if not isinstance(v, dict)}
+    for section in ("calibration", "eval", "softmax", "sparsegpt"):
+        for key, value in nested[section].items():
+            flat[old_key[f"{section}.{key}"]] = value
+    return flat
+
+
+def test_flat_settings_read_nested_flat_and_dotted_configs_alike():
+    cfg = from_dict(PruneConfig, {"method": "softmax", "softmax": {"lam": 0.03}})
+    nested = to_dict(cfg)
+    assert nested["softmax"]["lam"] == 0.03 and "lam" not in nested
+    flat = old_flat(nested)
+    assert flat["lam"] == 0.03 and "softmax" not in flat
+    assert flat_settings(flat) == flat_settings(nested)
+    assert flat_settings(flat_settings(nested)) == flat_settings(nested)
+    assert flat_settings(nested)["softmax.lam"] == 0.03
+
+
+def test_replace_changes_one_key_of_a_section_and_validates():
+    cfg = from_dict(PruneConfig, {"softmax": {"lam": 0.03, "init": "ones"}})
+    new = replace(cfg, method="softmax", softmax={"steps": 5})
+    assert (new.method, new.softmax.steps, new.softmax.lam, new.softmax.init) == (
+        "softmax",
+        5,
+        0.03,
+        "ones",
+    )
+    assert replace(cfg, {"eval.windows": 3}).eval.windows == 3
+    both = replace(cfg, {"eval": {"windows": 3, "batch": 2}}, eval={"data": ["c4"]})
+    assert (both.eval.windows, both.eval.batch, both.eval.data) == (3, 2, ("c4",))
+    with pytest.raises(ConfigError, match=r"softmax.steps=0 is out of range"):
+        replace(cfg, softmax={"steps": 0})
+
+
+def test_config_file_with_sections_under_dotted_flags(tmp_path):
+    from jaxprune.commands import prune as prune_cmd
+
+    path = tmp_path / "run.yaml"
+    path.write_text("method: softmax\nsoftmax:\n  lam: 0.03\n  init: ones\neval.windows: 4\n")
+    parser = argparse.ArgumentParser()
+    prune_cmd.add_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--softmax.lam", "1e-1", "--eval.batch", "2"])
+    cfg = prune_cmd.config_from_args(args)
+    assert (cfg.softmax.lam, cfg.softmax.init) == (0.1, "ones")
+    assert (cfg.eval.windows, cfg.eval.batch) == (4, 2)
+
+
+def _table(**extra):
+    from jaxprune.table import TableConfig
+
+    raw = load_yaml(ROOT / "experiments" / "configs" / "table.yaml")
+    raw.pop("experiment")
+    return from_dict(TableConfig, {**raw, **extra})
+
+
+def test_rows_merge_base_sections_key_by_key_and_name_moved_keys():
+    table = _table(**{"base.softmax.steps": 10, "base.eval": {"windows": 2}})
+    rows = table.row_configs()
+    paper_start = rows["softmax (paper start) qk 50%"]
+    assert (paper_start.softmax.init, paper_start.softmax.lam) == ("ones", 0.03)
+    assert paper_start.softmax.steps == 10 and paper_start.eval.windows == 2
+    assert rows["paper dense"].eval.data == ("c4-paper",) and rows["paper dense"].eval.windows == 2
+    with pytest.raises(ValueError, match=r"row 'x': 'init' moved to 'softmax.init'"):
+        from jaxprune.table import TableConfig
+
+        from_dict(TableConfig, {"rows": [{"name": "x", "init": "ones"}]})
+
+
+@pytest.mark.parametrize(
+    "row,run_dir",
+    [
+        ("dense", "20261130-031618"),
+        ("softmax qk 50%", "20261130-043543"),
+        ("softmax qk 50% (output group)", "20261130-041301"),
+    ],
+)
+def test_committed_flat_runs_are_reused_by_the_nested_rows(row, run_dir):
+    from jaxprune.table import _reusable
+
+    stored = json.loads((FULL / "runs" / run_dir / "metrics.json").read_text())["config"]
+    assert "softmax" not in stored  # stored flat, before the sections
+    cfg = _table().row_configs()[row]
+    found = _reusable(FULL, cfg)
+    assert found is not None and Path(found["run_dir"]).name == run_dir
+    # Any other setting, in a section or not, is another measurement.
+    assert _reusable(FULL, replace(cfg, softmax={"lam": 0.2})) is None
+    assert _reusable(FULL, replace(cfg, eval={"windows": 8})) is None
+
+
+def test_a_run_started_with_flat_settings_resumes_and_names_dotted_differences(tmp_path):
+    from jaxprune import resume
+    from jaxprune.errors import ResumeError
+
+    cfg = from_dict(PruneConfig, {"method": "softmax", "softmax.lam": 0.03})
+    nested = to_dict(cfg)
+    flat = old_flat(nested)
+    assert resume.fingerprint(flat) == resume.fingerprint(nested)
+    assert resume.fingerprint(resume.fingerprint(flat)) == resume.fingerprint(nested)
+    resume.write_run_file(tmp_path, flat, "jaxprune prune --method softmax --lam 0.03")
+    defaults = to_dict(PruneConfig())
+    assert resume.check_resumable(tmp_path, nested, defaults) == tmp_path
+    other = to_dict(replace(cfg, softmax={"lam": 0.1}))
+    with pytest.raises(ResumeError, match=r"\(softmax.lam: 0.03 there, 0.1 now\)"):
+        resume.check_resumable(tmp_path, other, defaults)
