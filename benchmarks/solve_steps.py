@@ -30,7 +30,7 @@ from jaxprune.config import parse_overrides, replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.model import projection_kernels
 from jaxprune.pipeline import PruneConfig
-from jaxprune.softmax_prune import attention_error, output_error, prune_qk_softmax
+from jaxprune.softmax_prune import layer_errors, prune_qk_softmax
 
 
 def dense_inputs(model, tokens, layers):
@@ -112,8 +112,9 @@ def main() -> None:
             jax.block_until_ready(new)
             secs.append(time.perf_counter() - t0)
             hx = held_x[li]
-            attn.append(float(attention_error(qk["q"], qk["k"], new["q"], new["k"], hx, **shape)))
-            out.append(float(output_error(kernels, kernels | new, hx, **shape)))
+            errors = layer_errors(kernels, kernels | new, hx, **shape)
+            attn.append(float(errors[0]))
+            out.append(float(errors[1]))
         print(
             f"{steps if steps else 'wanda':>6} {np.mean(attn):9.4f} {np.mean(out):8.4f} "
             f"{np.nanmean(term) if steps else float('nan'):11.5f} {np.mean(secs):8.1f}",

@@ -256,8 +256,13 @@ def qk_pruning_loss(
     else:
         out = attention_output(diff, *values)
         attn = 0.5 * jnp.mean(jnp.sum(out * out, axis=(-2, -1))) / attn_scale
-    reg = 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks)) / reg_scale
+    reg = mask_regulariser(masks, lam, reg_scale)
     return attn + reg, {"attention": attn, "reg": reg}
+
+
+def mask_regulariser(masks, lam: float, scale: float = 1.0) -> Float[Array, ""]:
+    """``lam/2 ||M||_F^2 / scale`` summed over the masks of a pytree."""
+    return 0.5 * lam * sum(jnp.sum(m * m) for m in jax.tree.leaves(masks)) / scale
 
 
 def head_values(

@@ -29,7 +29,7 @@ from jaxprune.masks import parse_nm
 from jaxprune.model import Llama, LlamaConfig, projection_kernels
 from jaxprune.prune_config import TARGETS, PruneConfig
 from jaxprune.softmax_layers import prune_qk_softmax_layers
-from jaxprune.softmax_prune import attention_error, output_error, prune_qk_softmax
+from jaxprune.softmax_prune import attention_error, layer_errors, prune_qk_softmax
 from jaxprune.solvers import SolveDivergedError
 
 
@@ -284,27 +284,16 @@ def prune_model(
             graphdef, state = nnx.split(layer)
             info["sparsity"] = {n: float(1.0 - jnp.mean(masks[li][n])) for n in targets}
         if held:
-            errs, out_errs = [], []
+            now = {k: kernels[k][...] for k in ("q", "k", "v", "o")}
+            errs = []
             for h in held:
                 x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))[
                     "attn_in"
                 ]
-                errs.append(
-                    float(
-                        attention_error(
-                            dense_qk["q"],
-                            dense_qk["k"],
-                            kernels["q"][...],
-                            kernels["k"][...],
-                            x,
-                            **shape_kw,
-                        )
-                    )
-                )
-                now = {k: kernels[k][...] for k in ("q", "k", "v", "o")}
-                out_errs.append(float(output_error(dense_attn, now, x, **shape_kw)))
-            info["heldout_attention_error"] = float(np.mean(errs))
-            info["heldout_output_error"] = float(np.mean(out_errs))
+                errs.append([float(e) for e in layer_errors(dense_attn, now, x, **shape_kw)])
+            info["heldout_attention_error"], info["heldout_output_error"] = (
+                float(e) for e in np.mean(errs, axis=0)
+            )
         if store is not None and li in pruned:
             store.save(li, masks[li], {n: kernels[n][...] for n in targets}, info)
         hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]

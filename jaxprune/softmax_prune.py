@@ -39,6 +39,7 @@ from jaxprune.masks import binarize, mask_scores
 from jaxprune.objective import (
     attention_output,
     head_values,
+    mask_regulariser,
     qk_attention_term_blocked,
     qk_layer_probs,
     qk_pruning_loss,
@@ -71,7 +72,7 @@ def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_
     set)."""
     if row_block is not None:
         attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
-        reg = 0.5 * lam * sum(jnp.sum(v * v) for v in jax.tree.leaves(m)) / n_entries
+        reg = mask_regulariser(m, lam, n_entries)
         return attn + reg, {"attention": attn, "reg": reg}
     return qk_pruning_loss(
         m,
@@ -125,6 +126,12 @@ def _blocked_term(masks, weights, x, row_block, shape_kw):
     return qk_attention_term_blocked(masks, weights, x, row_block=row_block, **shape_kw)
 
 
+def _relative_error(new, ref):
+    # ||new - ref||_F / ||ref||_F over the last two axes, averaged over the others.
+    num = jnp.sqrt(jnp.sum((new - ref) ** 2, axis=(-2, -1)))
+    return jnp.mean(num / jnp.sqrt(jnp.sum(ref * ref, axis=(-2, -1))))
+
+
 @partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
 def attention_error(
     wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None
@@ -134,10 +141,7 @@ def attention_error(
     kw = dict(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
-    dense = qk_layer_probs(wq, wk, x, **kw)
-    new = qk_layer_probs(wq_new, wk_new, x, **kw)
-    num = jnp.sqrt(jnp.sum((new - dense) ** 2, axis=(-2, -1)))
-    return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
+    return _relative_error(qk_layer_probs(wq_new, wk_new, x, **kw), qk_layer_probs(wq, wk, x, **kw))
 
 
 @jax.jit
@@ -147,25 +151,33 @@ def _output_scale(target, values):
 
 
 @partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
-def output_error(dense, new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None):
-    """``||O(new) - O||_F / ||O||_F`` of the attention block's output ``O = sum_h P_h V_h O_h``
-    (before the residual), averaged over sequences.
+def layer_errors(dense, new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None):
+    """The relative attention error ``||P(new) - P||_F / ||P||_F`` (averaged over heads and
+    sequences, as :func:`attention_error`) and output error ``||O(new) - O||_F / ||O||_F`` of the
+    attention block's output ``O = sum_h P_h V_h O_h`` (before the residual, averaged over
+    sequences), each layer's probabilities computed once for both.
 
     Args:
       dense, new: ``{"q", "k", "v", "o"}`` kernels (input-major) before and after pruning.
       x: attention input ``(b, n, d)``.
       n_heads, n_kv_heads, rope_theta, rope_scaling: the layer's attention shape.
+
+    Returns:
+      ``(attention error, output error)``.
     """
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads)
     rkw = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, **kw)
-
-    def out(w):
-        probs = qk_layer_probs(w["q"], w["k"], x, **rkw)
-        return attention_output(probs, *head_values(w["v"], w["o"], x, **kw))
-
-    ref = out(dense)
-    num = jnp.sqrt(jnp.sum((out(new) - ref) ** 2, axis=(-2, -1)))
-    return jnp.mean(num / jnp.sqrt(jnp.sum(ref * ref, axis=(-2, -1))))
+    probs = {
+        k: qk_layer_probs(w["q"], w["k"], x, **rkw) for k, w in (("dense", dense), ("new", new))
+    }
+    outs = {
+        k: attention_output(probs[k], *head_values(w["v"], w["o"], x, **kw))
+        for k, w in (("dense", dense), ("new", new))
+    }
+    return (
+        _relative_error(probs["new"], probs["dense"]),
+        _relative_error(outs["new"], outs["dense"]),
+    )
 
 
 def wanda_ranks(w, stats: InputStats, group: str = "output"):
