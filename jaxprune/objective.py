@@ -310,6 +310,7 @@ def qk_attention_term_blocked(
     row_block: int,
     causal: bool = True,
     rope_scaling: Llama3RopeScaling | None = None,
+    dense_weights: dict[str, Float[Array, "d _"]] | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """The attention term ``1/2 sum_h mean_b ||P_h(M) - P_h||_F^2`` over blocks of query rows,
     with memory linear in ``n``: each block's pruned and dense probabilities ``(h, b, B, n)`` are
@@ -322,6 +323,8 @@ def qk_attention_term_blocked(
       x: attention input ``(n, d)`` or ``(b, n, d)``; ``n`` must be a multiple of ``row_block``.
       n_heads, n_kv_heads, rope_theta, causal, rope_scaling: as in :func:`qk_layer_probs`.
       row_block: query rows per block.
+      dense_weights: the kernels of the target probabilities ``P_h`` when they differ from
+        ``weights`` (the weight update moves ``weights`` and keeps the dense target).
 
     Returns:
       ``(term, dense_scale)``: the attention term and ``1/2 sum_h mean_b ||P_h||_F^2`` of the
@@ -338,10 +341,11 @@ def qk_attention_term_blocked(
             jnp.arange(n), head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling
         )
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope=rope)
+    dense_w = weights if dense_weights is None else dense_weights
     keys = _layer_keys(masks["k"] * weights["k"], x, **kw)
-    dense_keys = jax.lax.stop_gradient(_layer_keys(weights["k"], x, **kw))
+    dense_keys = jax.lax.stop_gradient(_layer_keys(dense_w["k"], x, **kw))
     q_heads = _split_heads(masks["q"] * weights["q"], n_heads, head_dim)
-    dense_q = jax.lax.stop_gradient(_split_heads(weights["q"], n_heads, head_dim))
+    dense_q = jax.lax.stop_gradient(_split_heads(dense_w["q"], n_heads, head_dim))
 
     @jax.checkpoint
     def block(carry, start):

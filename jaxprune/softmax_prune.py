@@ -107,14 +107,21 @@ def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
 
 
 @functools.cache
-def _update_loss(query_idx, shape):
-    """The weight update's loss ``(u, (w, keep, rms, x, target, scale)) -> (loss, aux)``."""
+def _update_loss(query_idx, shape, row_block=None):
+    """The weight update's loss ``(u, (w, keep, rms, x, target, scale, values)) -> (loss, aux)``
+    (the row-blocked attention term when ``row_block`` is set)."""
     shape_kw = dict(shape)
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
     def loss_fn(u, data):
         w, kf, s, xx, t, sc, vals = data
         moved = {k: w[k] + s[k] * u[k] for k in w}
+        if row_block is not None:
+            term = qk_attention_term_blocked(
+                kf, moved, xx, row_block=row_block, dense_weights=w, **shape_kw
+            )[0]
+            attn = term / sc
+            return attn, {"attention": attn, "reg": jnp.zeros_like(attn)}
         return qk_pruning_loss(
             kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=idx, values=vals, **shape_kw
         )
@@ -305,10 +312,6 @@ def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSe
         raise ValueError(
             "softmax.row_block and softmax.query_rows exclude each other: set one of them."
         )
-    if blocked and cfg.softmax.update == "softmax":
-        raise ValueError(
-            "softmax.update=softmax needs the direct attention term: unset softmax.row_block."
-        )
     if blocked and cfg.softmax.term == "output":
         raise ValueError(
             "softmax.term=output needs the direct attention term: unset softmax.row_block."
@@ -400,6 +403,7 @@ def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress
             attn_scale=scale,
             query_idx=setup.query_idx,
             values=values,
+            row_block=cfg.softmax.row_block,
             steps=cfg.softmax.update_steps,
             lr=cfg.softmax.update_lr,
             progress=progress,
@@ -424,6 +428,7 @@ def reconstruct_qk_softmax(
     rope_scaling=None,
     query_idx=None,
     values=None,
+    row_block=None,
     progress=True,
     desc="update",
 ):
@@ -443,6 +448,8 @@ def reconstruct_qk_softmax(
       lr: Adam learning rate on ``U`` (relative to the weight RMS).
       n_heads, n_kv_heads, rope_theta, rope_scaling, query_idx, values: the layer's attention
         shape and the output form's values, as in :func:`jaxprune.objective.qk_pruning_loss`.
+      row_block: compute the attention term over blocks of this many query rows
+        (:func:`jaxprune.objective.qk_attention_term_blocked`; ``target`` is then unused).
       progress, desc: the solver's progress bar.
 
     Returns:
@@ -455,7 +462,7 @@ def reconstruct_qk_softmax(
     rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
 
     res = solve_masks(
-        _update_loss(query_idx, tuple(sorted(shape_kw.items()))),
+        _update_loss(query_idx, tuple(sorted(shape_kw.items())), row_block),
         {k: jnp.zeros_like(w) for k, w in weights.items()},
         steps=steps,
         data=(weights, keep_f, rms, x, target, attn_scale, values),

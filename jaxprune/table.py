@@ -80,6 +80,10 @@ def _same_settings(stored: dict, current: dict) -> bool:
     row ran; the row measured its default, so it matches only that."""
     stored, current = flat_settings(stored), flat_settings(current)
     defaults = flat_settings(json.loads(json.dumps(to_dict(PruneConfig()))))
+    if current.get("method") != "softmax":
+        # Only the softmax-aware method reads its section, so a change of its defaults leaves
+        # the other methods' rows valid.
+        stored, current = _without_softmax(stored), _without_softmax(current)
     for key, value in current.items():
         if key in stored:
             if stored[key] != value:
@@ -87,6 +91,10 @@ def _same_settings(stored: dict, current: dict) -> bool:
         elif value != defaults.get(key):
             return False
     return set(stored) <= set(current)
+
+
+def _without_softmax(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if not k.startswith("softmax.")}
 
 
 # The comparison group that an unset `group` meant when a row ran, for rows whose metrics.json

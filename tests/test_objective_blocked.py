@@ -43,6 +43,37 @@ def test_blocked_term_and_gradient_equal_the_direct_form(n_heads, n_kv_heads, ro
     np.testing.assert_allclose(scale, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs**2, (-2, -1)), 1)))
 
 
+def test_blocked_term_against_other_dense_weights_equals_the_direct_form_in_the_weights():
+    """The weight update moves the kept weights against the dense model's probabilities: the
+    blocked term with ``dense_weights`` has the direct term's value and weight gradient."""
+    rng = np.random.default_rng(1)
+    d, dh, n, b, n_heads, n_kv_heads = 12, 4, 16, 2, 4, 2
+    x = jnp.asarray(rng.normal(size=(b, n, d)))
+    dense = {
+        "q": jnp.asarray(rng.normal(size=(d, n_heads * dh))),
+        "k": jnp.asarray(rng.normal(size=(d, n_kv_heads * dh))),
+    }
+    keep = {k: jnp.asarray(rng.uniform(size=w.shape) < 0.5, x.dtype) for k, w in dense.items()}
+    moved = {k: w + 0.1 * jnp.asarray(rng.normal(size=w.shape)) for k, w in dense.items()}
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=100.0)
+    target = objective.qk_layer_probs(dense["q"], dense["k"], x, **kw)
+
+    def direct(w):
+        return objective.qk_pruning_loss(keep, w, x, lam=0.0, target=target, **kw)[0]
+
+    def blocked(w):
+        term = objective.qk_attention_term_blocked(
+            keep, w, x, row_block=4, dense_weights=dense, **kw
+        )
+        return term[0]
+
+    np.testing.assert_allclose(blocked(moved), direct(moved), rtol=1e-12)
+    assert blocked(moved) > 0
+    g_direct, g_blocked = jax.grad(direct)(moved), jax.grad(blocked)(moved)
+    for k in moved:
+        np.testing.assert_allclose(g_blocked[k], g_direct[k], rtol=1e-10, atol=1e-14)
+
+
 def test_blocked_term_refuses_a_block_that_does_not_divide_n():
     x = jnp.ones((1, 10, 4))
     w = {"q": jnp.ones((4, 4)), "k": jnp.ones((4, 4))}

@@ -139,7 +139,7 @@ def test_rows_merge_base_sections_key_by_key_and_name_moved_keys():
     "row,run_dir",
     [
         ("dense", "20261130-031618"),
-        ("softmax qk 50%", "20261130-043543"),
+        ("softmax qk 50% (no update)", "20261130-043543"),
         ("softmax qk 50% (output group)", "20261130-041301"),
     ],
 )
@@ -151,9 +151,26 @@ def test_committed_flat_runs_are_reused_by_the_nested_rows(row, run_dir):
     cfg = _table().row_configs()[row]
     found = _reusable(FULL, cfg)
     assert found is not None and Path(found["run_dir"]).name == run_dir
-    # Any other setting, in a section or not, is another measurement.
-    assert _reusable(FULL, replace(cfg, softmax={"lam": 0.2})) is None
+    # Any other setting it reads, in a section or not, is another measurement.
+    changed_softmax = _reusable(FULL, replace(cfg, softmax={"lam": 0.2}))
+    if cfg.method == "softmax":
+        assert changed_softmax is None
+    else:  # only the softmax-aware method reads its section
+        assert Path(changed_softmax["run_dir"]).name == run_dir
     assert _reusable(FULL, replace(cfg, eval={"windows": 8})) is None
+
+
+def test_a_new_softmax_default_keeps_the_baseline_rows_and_finds_the_matching_softmax_row():
+    """The default update became `softmax` after the baseline rows ran with `none` stored: they
+    stay valid, and the default softmax row is the run that measured the update."""
+    from jaxprune.table import _reusable
+
+    rows = _table().row_configs()
+    sparsegpt = _reusable(FULL, rows["sparsegpt qk 50%"])
+    run_dir = FULL / "runs" / Path(sparsegpt["run_dir"]).name
+    stored = json.loads((run_dir / "metrics.json").read_text())["config"]
+    assert stored["update"] == "none" and rows["sparsegpt qk 50%"].softmax.update == "softmax"
+    assert Path(_reusable(FULL, rows["softmax qk 50%"])["run_dir"]).name == "20261130-062343"
 
 
 def test_a_run_started_with_flat_settings_resumes_and_names_dotted_differences(tmp_path):

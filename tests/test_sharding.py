@@ -37,7 +37,11 @@ pytestmark = pytest.mark.skipif(
 # One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
 D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
 SHAPE = dict(n_heads=H, n_kv_heads=G, rope_theta=1e4, rope_scaling=None)
-CFG = replace(PruneConfig(), method="softmax", softmax={"steps": 10}, progress=False)
+# The weight update after rounding runs on one device (only the mask solve is spread), so most
+# tests here leave it out; test_heads_sharded_prune_matches_one_device includes it once.
+CFG = replace(
+    PruneConfig(), method="softmax", softmax={"steps": 10, "update": "none"}, progress=False
+)
 
 
 def layer_problem(seed):
@@ -142,20 +146,31 @@ def test_heads_sharded_step_communicates_only_scalars(row_block):
         assert all(dims == "" for dims in re.findall(r"f32\[([^\]]*)\]", shapes)), shapes
 
 
-@pytest.mark.parametrize("row_block,term", [(None, "probs"), (8, "probs"), (None, "output")])
-def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term):
+@pytest.mark.parametrize(
+    "row_block,term,update",
+    [
+        (None, "probs", "none"),
+        (8, "probs", "none"),
+        (None, "output", "none"),
+        (8, "probs", "softmax"),
+    ],
+)
+def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term, update):
     weights, x, stats = layer_problem(1)
     rng = np.random.default_rng(2)
     values = {
         "v": jnp.asarray(rng.normal(size=(D, G * DH)) / np.sqrt(D), jnp.float32),
         "o": jnp.asarray(rng.normal(size=(H * DH, D)) / np.sqrt(H * DH), jnp.float32),
     }
-    cfg = replace(CFG, softmax={"row_block": row_block, "term": term})
+    cfg = replace(CFG, softmax={"row_block": row_block, "term": term, "update": update})
     seen = recording(softmax_prune, monkeypatch)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
     ref = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "2")
     out = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
+    if update == "softmax":  # the update's own solve follows each mask solve
+        assert ref[2]["update_attention_after"] < ref[2]["update_attention_before"]
+        seen = seen[::2]
     assert len(seen[0].device_set) == 1
     assert len(seen[1].device_set) == 2 and seen[1].spec == P(None, "heads")
     assert_same_results([ref], [out])
