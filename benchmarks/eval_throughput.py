@@ -68,6 +68,32 @@ def _time_ours(graphdef, state, batches, token_nll=None) -> tuple[float, float]:
     return time.perf_counter() - start, total
 
 
+def forward_flops(config, batch: int, seq_len: int) -> float:
+    """FLOPs of one causal forward with the output head, counted by hand: 2 per multiply-add
+    of every projection, MLP and output-head matmul, plus the scores and the probabilities times
+    values over the causal half only (``t (t + 1) / 2`` query-key pairs per head)."""
+    d, f = config.hidden_size, config.intermediate_size
+    hd = config.head_dim
+    q = config.num_heads * hd
+    kv = config.num_kv_heads * hd
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
+    weights = config.num_layers * per_layer + config.vocab_size * d
+    pairs = seq_len * (seq_len + 1) / 2
+    attention = config.num_layers * config.num_heads * 2 * (2 * pairs * hd)
+    return batch * (2 * weights * seq_len + attention)
+
+
+def _time_matmul(m: int = 2048) -> float:
+    """FLOP/s of an ``m x m`` by ``m x m`` ``jnp.dot`` (the machine's matmul speed)."""
+    a = jnp.ones((m, m), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(3):
+        dot(a, a).block_until_ready()
+    return 3 * 2 * m**3 / (time.perf_counter() - start)
+
+
 def _time_torch(model, batches) -> tuple[float, float]:
     import torch
 
@@ -130,10 +156,11 @@ def main() -> None:
     direct = _unblocked_nll() if args.unblocked else None
     if direct is not None:
         _time_ours(graphdef, state, ours_batches[:1], direct)
-    ours_s, torch_s, direct_s = [], [], []
+    ours_s, torch_s, direct_s, dot_flops = [], [], [], []
     for _ in range(args.repeats):
         ours_s.append(_time_ours(graphdef, state, ours_batches)[0])
         torch_s.append(_time_torch(hf, torch_batches)[0])
+        dot_flops.append(_time_matmul())
         if direct is not None:
             direct_s.append(_time_ours(graphdef, state, ours_batches, direct)[0])
 
@@ -155,6 +182,19 @@ def main() -> None:
     ):
         print(f"{name:22s} {tps:10.1f} tokens/s  (median {statistics.median(times):.3f} s)")
     print(f"ratio jaxprune / transformers: {ours_tps / torch_tps:.2f}")
+    # What the speeds mean against the machine: the hand-counted forward FLOPs per second, as a
+    # fraction of a large matmul's FLOP/s measured between the same repeats.
+    flops = forward_flops(config, args.batch_size, args.seq_len) * len(ours_batches)
+    peak = statistics.median(dot_flops)
+    print(
+        f"forward: {flops / tokens / 1e6:.0f} MFLOP per predicted token (hand count, causal); "
+        f"jnp.dot 2048^3: {peak / 1e9:.1f} GFLOP/s"
+    )
+    for name, times in (("jaxprune", ours_s), ("transformers", torch_s)):
+        rate = flops / statistics.median(times)
+        print(f"{name:22s} {rate / 1e9:6.1f} GFLOP/s = {rate / peak:.2f} of matmul")
+    need = 1.5 * flops / statistics.median(torch_s)
+    print(f"1.5x transformers would need {need / 1e9:.1f} GFLOP/s = {need / peak:.2f} of matmul")
     if direct_s:
         direct_tps = tokens / statistics.median(direct_s)
         print(f"{'jaxprune unblocked':22s} {direct_tps:10.1f} tokens/s")

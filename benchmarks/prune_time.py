@@ -9,6 +9,9 @@ the methods alternate, so a noisy shared machine affects all of them alike.
 
     python benchmarks/prune_time.py [--calib 32 2048] [--methods sparsegpt softmax] [--repeats 1]
         [--set softmax.steps=40 ...]
+
+A method may carry its own overrides after a colon, comma-separated, to time variants side by
+side: ``--methods sparsegpt softmax softmax:softmax.update=none``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from jaxprune import data
 from jaxprune.config import parse_overrides, replace
 from jaxprune.loaders.resolve import load_model
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
+
+
+def method_config(base: PruneConfig, method: str) -> PruneConfig:
+    """``name`` or ``name:key=value,key=value`` (a variant of the method, side by side)."""
+    name, _, extra = method.partition(":")
+    cfg = replace(base, method=name)
+    return replace(cfg, parse_overrides(extra.split(","))) if extra else cfg
 
 
 def main() -> None:
@@ -57,7 +67,7 @@ def main() -> None:
         for method in a.methods:
             # A fresh copy of the dense model (nnx.merge of split parts would share its arrays).
             pruned = nnx.clone(model)
-            cfg = replace(base, method=method)
+            cfg = method_config(base, method)
             start = time.perf_counter()
             report = prune_model(
                 pruned,
@@ -74,12 +84,14 @@ def main() -> None:
             )
             print(f"  {method}: {times[method][-1]:.1f} s", flush=True)
     ref = np.median(times["sparsegpt"]) if "sparsegpt" in times else None
-    print(f"{'method':12s} {'seconds':>9s} {'x sparsegpt':>12s} {'attn err':>9s} {'out err':>8s}")
+    width = max(12, *(len(m) for m in a.methods))
+    header = f"{'seconds':>9s} {'x sparsegpt':>12s} {'attn err':>9s} {'out err':>8s}"
+    print(f"{'method':{width}s} {header}")
     for method in a.methods:
         t = float(np.median(times[method]))
         ratio = f"{t / ref:.2f}" if ref else "-"
         attn, out = errors[method]
-        print(f"{method:12s} {t:9.1f} {ratio:>12s} {attn:9.4f} {out:8.4f}")
+        print(f"{method:{width}s} {t:9.1f} {ratio:>12s} {attn:9.4f} {out:8.4f}")
 
 
 if __name__ == "__main__":
