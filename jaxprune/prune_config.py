@@ -107,6 +107,9 @@ class SoftmaxConfig:
     )
     # Steps of each short solve in the search.
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
+    # Where the mask comes from: solve (the relaxed mask solve, then rounding) or sparsegpt
+    # (SparseGPT's mask and weights, authors' rules; no mask solve, then the update from there).
+    mask: str = field(default="solve", metadata={"choices": ("solve", "sparsegpt")})
     # Start point: wanda (Wanda's ordering as ranks in [0, 1], the best measured) or ones (the
     # paper's M = 1).
     init: str = field(default="wanda", metadata={"choices": ("ones", "wanda")})
@@ -144,6 +147,12 @@ class SoftmaxConfig:
                 f"softmax.lr={self.lr} cannot work with softmax.optimizer={self.optimizer!r}: "
                 "give a positive finite learning rate such as 0.01 (only optimizer gd takes "
                 "lr <= 0, for the derived step size 1/L)."
+            )
+        if self.mask == "sparsegpt" and self.update != "softmax":
+            raise ValueError(
+                f"softmax.mask=sparsegpt with softmax.update={self.update} is SparseGPT itself: "
+                "use --method sparsegpt, or set --softmax.update softmax to fit SparseGPT's "
+                "weights to the softmax."
             )
 
 

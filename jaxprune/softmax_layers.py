@@ -120,7 +120,11 @@ def prune_qk_softmax_layers(
     values = value_weights or [None] * len(weights)
     layers = list(zip(weights, xs, stats, values, strict=True))
     one = partial(prune_qk_softmax, cfg=cfg, progress=progress, desc=desc, **shape_kw)
-    if cfg.softmax.optimizer == "gd" or len({x.shape for x in xs}) > 1:
+    if (
+        cfg.softmax.optimizer == "gd"
+        or cfg.softmax.mask != "solve"
+        or len({x.shape for x in xs}) > 1
+    ):
         return [one(w, x, s, value_weights=v) for w, x, s, v in layers]
     setups = [solve_setup(w, x, s, cfg, shape_kw, v) for w, x, s, v in layers]
     devices = sharding.solve_devices() if devices is None else list(devices)

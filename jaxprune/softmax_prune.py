@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import sharding
-from jaxprune.baselines import InputStats, sparsegpt_reconstruct, wanda_scores
+from jaxprune.baselines import InputStats, prune_matrix, sparsegpt_reconstruct, wanda_scores
 from jaxprune.masks import binarize, mask_scores
 from jaxprune.objective import (
     attention_output,
@@ -108,17 +108,18 @@ def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
 
 @functools.cache
 def _update_loss(query_idx, shape, row_block=None):
-    """The weight update's loss ``(u, (w, keep, rms, x, target, scale, values)) -> (loss, aux)``
-    (the row-blocked attention term when ``row_block`` is set)."""
+    """The weight update's loss ``(u, (start, keep, rms, x, target, scale, values, dense)) ->
+    (loss, aux)``: the kept weights are ``start + rms * u``, compared with the dense target
+    (the row-blocked attention term against the ``dense`` kernels when ``row_block`` is set)."""
     shape_kw = dict(shape)
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
     def loss_fn(u, data):
-        w, kf, s, xx, t, sc, vals = data
+        w, kf, s, xx, t, sc, vals, dense = data
         moved = {k: w[k] + s[k] * u[k] for k in w}
         if row_block is not None:
             term = qk_attention_term_blocked(
-                kf, moved, xx, row_block=row_block, dense_weights=w, **shape_kw
+                kf, moved, xx, row_block=row_block, dense_weights=dense, **shape_kw
             )[0]
             attn = term / sc
             return attn, {"attention": attn, "reg": jnp.zeros_like(attn)}
@@ -236,6 +237,8 @@ def prune_qk_softmax(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
     setup = solve_setup(weights, x, stats, cfg, shape_kw, value_weights)
+    if cfg.softmax.mask == "sparsegpt":
+        return _from_sparsegpt(weights, x, stats, cfg, setup, shape_kw, progress, desc, start)
     # One loss function object per setting (cached), so every layer reuses the compiled solver.
     loss_of = partial(
         _mask_loss,
@@ -273,6 +276,51 @@ def prune_qk_softmax(
         initial_loss=float(res.history["loss"][0]),
         final_loss=res.final_loss,
         final_attention_term=float(res.history["attention"][-1]),
+        solve_seconds=time.perf_counter() - start,
+        **update_info,
+    )
+    return new, keep, info
+
+
+def _from_sparsegpt(weights, x, stats, cfg, setup, shape_kw, progress, desc, start):
+    """``softmax.mask=sparsegpt``: SparseGPT's masks and weights (its authors' rules for the
+    pattern), then the softmax-aware update from those weights; no mask solve."""
+    pruned, keep = {}, {}
+    for k, w in weights.items():
+        pruned[k], keep[k] = prune_matrix(
+            "sparsegpt",
+            w,
+            stats,
+            sparsity=cfg.sparsity_or_none,
+            pattern=cfg.pattern,
+            blocksize=cfg.sparsegpt.blocksize,
+            percdamp=cfg.sparsegpt.percdamp,
+        )
+    _, _, target, scale, values = setup.data
+    new, update_info = reconstruct_qk_softmax(
+        weights,
+        keep,
+        x,
+        target=target,
+        attn_scale=scale,
+        query_idx=setup.query_idx,
+        values=values,
+        row_block=cfg.softmax.row_block,
+        start=pruned,
+        steps=cfg.softmax.update_steps,
+        lr=cfg.softmax.update_lr,
+        progress=progress,
+        desc=f"{desc} update",
+        **shape_kw,
+    )
+    before, after = update_info["update_attention_before"], update_info["update_attention_after"]
+    info = dict(
+        lam=cfg.softmax.lam,
+        lam_search={},
+        mask_mean=float(np.mean([float(jnp.mean(m)) for m in keep.values()])),
+        initial_loss=before,
+        final_loss=after,
+        final_attention_term=after,
         solve_seconds=time.perf_counter() - start,
         **update_info,
     )
@@ -429,6 +477,7 @@ def reconstruct_qk_softmax(
     query_idx=None,
     values=None,
     row_block=None,
+    start=None,
     progress=True,
     desc="update",
 ):
@@ -450,6 +499,8 @@ def reconstruct_qk_softmax(
         shape and the output form's values, as in :func:`jaxprune.objective.qk_pruning_loss`.
       row_block: compute the attention term over blocks of this many query rows
         (:func:`jaxprune.objective.qk_attention_term_blocked`; ``target`` is then unused).
+      start: kernels the update starts from (default ``weights`` under ``keep``; SparseGPT's
+        updated kernels with ``softmax.mask=sparsegpt``); the target stays the dense one.
       progress, desc: the solver's progress bar.
 
     Returns:
@@ -460,12 +511,13 @@ def reconstruct_qk_softmax(
     )
     keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
     rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
+    start = weights if start is None else start
 
     res = solve_masks(
         _update_loss(query_idx, tuple(sorted(shape_kw.items())), row_block),
         {k: jnp.zeros_like(w) for k, w in weights.items()},
         steps=steps,
-        data=(weights, keep_f, rms, x, target, attn_scale, values),
+        data=(start, keep_f, rms, x, target, attn_scale, values, weights),
         optimizer="adam",
         step_size=lr,
         project=False,
@@ -473,7 +525,7 @@ def reconstruct_qk_softmax(
         progress=progress,
         desc=desc,
     )
-    new = {k: jnp.where(keep[k], w + rms[k] * res.masks[k], 0) for k, w in weights.items()}
+    new = {k: jnp.where(keep[k], w + rms[k] * res.masks[k], 0) for k, w in start.items()}
     info = dict(
         update_attention_before=float(res.history["attention"][0]),
         update_attention_after=float(res.final_loss),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flax import nnx
 from tiny_run import tiny_config
 
@@ -66,3 +67,29 @@ def test_row_blocked_solve_and_update_give_the_direct_masks_and_weights():
         np.testing.assert_allclose(w_blocked[name], w_direct[name], rtol=1e-3, atol=1e-5)
     for key in ("final_loss", "update_attention_before", "update_attention_after"):
         np.testing.assert_allclose(blocked["layers"][0][key], direct["layers"][0][key], rtol=1e-3)
+
+
+def test_sparsegpt_mask_then_softmax_update_keeps_sparsegpts_mask_and_lowers_its_error():
+    tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
+    results = {}
+    for name, cfg in {
+        "sparsegpt": replace(CFG, method="sparsegpt", layers=[0]),
+        "sparsegpt + update": replace(CFG, softmax={"mask": "sparsegpt"}, layers=[0]),
+    }.items():
+        model = Llama(TINY, rngs=nnx.Rngs(5))
+        report = prune_model(model, calibration_chunks(tokens, 2), [], cfg)
+        kernels = {k: np.asarray(v[...]) for k, v in projection_kernels(model.layers[0]).items()}
+        results[name] = report, kernels
+    (base, w_base), (ours, w_ours) = results["sparsegpt"], results["sparsegpt + update"]
+    for name in ("q", "k"):
+        keep = np.asarray(ours["masks"][0][name])
+        np.testing.assert_array_equal(keep, np.asarray(base["masks"][0][name]))
+        assert np.all(w_ours[name][~keep] == 0)
+        assert not np.allclose(w_ours[name][keep], w_base[name][keep])
+    info = ours["layers"][0]
+    assert info["update_attention_after"] < 0.9 * info["update_attention_before"]
+
+
+def test_sparsegpt_mask_without_the_softmax_update_is_refused():
+    with pytest.raises(ValueError, match="is SparseGPT itself: use --method sparsegpt"):
+        replace(CFG, softmax={"mask": "sparsegpt", "update": "none"})
