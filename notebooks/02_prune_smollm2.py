@@ -25,8 +25,8 @@
 # - perplexity, and the per-layer held-out attention error `||P_pruned - P||_F / ||P||_F`;
 # - one head's attention map before and after, in the layer and head where the two methods
 #   differ most;
-# - and we save the masks with orbax, reload them into the dense model, and check that the
-#   reloaded model has the same perplexity.
+# - and we save the masks and the pruned q/k weights with orbax, reload them into the dense
+#   model, and check that the reloaded model has the same perplexity.
 #
 # **Sizes.** One switch (`JAXPRUNE_NOTEBOOK_SIZE`, or `SIZE` below):
 #
@@ -424,12 +424,14 @@ plt.show()
 # attention by 0.204 (relative Frobenius error), the softmax-aware masks by 0.130. In both,
 # the changes sit near the diagonal and on a few key columns, more strongly for Wanda.
 #
-# ## Save the masks with orbax, reload them, same perplexity
+# ## Save the masks and the pruned q/k weights with orbax, reload them, same perplexity
 #
-# The softmax-aware masks (a pytree `{layer: {"q": bool, "k": bool}}`) go to an orbax
-# checkpoint in a temporary folder (`jaxprune prune` keeps them in its run folder). We reload
-# them into a fresh copy of the dense model, zeroing the pruned weights, and measure its
-# perplexity again.
+# The softmax-aware method's default also moves the kept q/k weights after rounding
+# (`softmax.update`), so the masks alone do not rebuild its model. The masks (a pytree
+# `{layer: {"q": bool, "k": bool}}`) and the pruned q/k kernels go to an orbax checkpoint in a
+# temporary folder (`jaxprune prune` keeps the masks and, with `save_params`, every parameter
+# in its run folder). We load both into a fresh copy of the dense model, check that every pruned
+# entry is zero, and measure its perplexity again.
 
 # %%
 name = "softmax-aware"
@@ -437,18 +439,24 @@ folder = Path(tempfile.mkdtemp(prefix="jaxprune-masks-"))
 masks = {
     str(li): {k: np.asarray(v) for k, v in m.items()} for li, m in reports[name]["masks"].items()
 }
+kernels = {
+    str(li): {k: np.asarray(v[...]) for k, v in projection_kernels(models[name].layers[li]).items()}
+    for li in pruned_layers
+}
 checkpointer = ocp.StandardCheckpointer()
-checkpointer.save(folder / "masks", masks)
+checkpointer.save(folder / "pruned", {"masks": masks, "kernels": kernels})
 checkpointer.wait_until_finished()
-size_mb = sum(f.stat().st_size for f in (folder / "masks").rglob("*") if f.is_file()) / 2**20
-print(f"saved {len(masks)} layers of q/k masks to {folder / 'masks'} ({size_mb:.1f} MiB)")
+size_mb = sum(f.stat().st_size for f in (folder / "pruned").rglob("*") if f.is_file()) / 2**20
+print(f"saved {len(masks)} layers of q/k masks and kernels to {folder} ({size_mb:.1f} MiB)")
 
-restored = checkpointer.restore(folder / "masks")
+restored = checkpointer.restore(folder / "pruned")
 reloaded = nnx.clone(dense)
-for layer_key, layer_masks in restored.items():
-    kernels = projection_kernels(reloaded.layers[int(layer_key)])
+for layer_key, layer_masks in restored["masks"].items():
+    layer_kernels = projection_kernels(reloaded.layers[int(layer_key)])
     for k, keep in layer_masks.items():
-        kernels[k][...] = jnp.where(jnp.asarray(keep), kernels[k][...], 0)
+        saved = jnp.asarray(restored["kernels"][layer_key][k])
+        assert not jnp.any(jnp.where(jnp.asarray(keep), 0, saved)), "a pruned entry is not zero"
+        layer_kernels[k][...] = saved
 same_weights = all(
     np.array_equal(np.asarray(a), np.asarray(b))
     for li in pruned_layers
@@ -462,7 +470,7 @@ display(
             [
                 [f"{name}, pruned", f"{ppl[name]['perplexity']:.6f}", "-"],
                 [
-                    f"{name}, dense + reloaded masks",
+                    f"{name}, dense + reloaded masks and kernels",
                     f"{ppl['reloaded']['perplexity']:.6f}",
                     same_weights,
                 ],
