@@ -296,22 +296,8 @@ def _from_sparsegpt(weights, x, stats, cfg, setup, shape_kw, progress, desc, sta
             blocksize=cfg.sparsegpt.blocksize,
             percdamp=cfg.sparsegpt.percdamp,
         )
-    _, _, target, scale, values = setup.data
-    new, update_info = reconstruct_qk_softmax(
-        weights,
-        keep,
-        x,
-        target=target,
-        attn_scale=scale,
-        query_idx=setup.query_idx,
-        values=values,
-        row_block=cfg.softmax.row_block,
-        start=pruned,
-        steps=cfg.softmax.update_steps,
-        lr=cfg.softmax.update_lr,
-        progress=progress,
-        desc=f"{desc} update",
-        **shape_kw,
+    new, update_info = _softmax_update(
+        weights, keep, x, cfg, setup, shape_kw, progress, desc, start=pruned
     )
     before, after = update_info["update_attention_before"], update_info["update_attention_after"]
     info = dict(
@@ -442,23 +428,29 @@ def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress
         )
     update_info = {}
     if cfg.softmax.update == "softmax":
-        _, _, target, scale, values = setup.data
-        new, update_info = reconstruct_qk_softmax(
-            weights,
-            keep,
-            x,
-            target=target,
-            attn_scale=scale,
-            query_idx=setup.query_idx,
-            values=values,
-            row_block=cfg.softmax.row_block,
-            steps=cfg.softmax.update_steps,
-            lr=cfg.softmax.update_lr,
-            progress=progress,
-            desc=f"{desc} update",
-            **shape_kw,
-        )
+        new, update_info = _softmax_update(weights, keep, x, cfg, setup, shape_kw, progress, desc)
     return new, keep, update_info
+
+
+def _softmax_update(weights, keep, x, cfg, setup, shape_kw, progress, desc, start=None):
+    """:func:`reconstruct_qk_softmax` with the solve's dense target and the config's settings."""
+    _, _, target, scale, values = setup.data
+    return reconstruct_qk_softmax(
+        weights,
+        keep,
+        x,
+        target=target,
+        attn_scale=scale,
+        query_idx=setup.query_idx,
+        values=values,
+        row_block=cfg.softmax.row_block,
+        start=start,
+        steps=cfg.softmax.update_steps,
+        lr=cfg.softmax.update_lr,
+        progress=progress,
+        desc=f"{desc} update",
+        **shape_kw,
+    )
 
 
 def reconstruct_qk_softmax(
