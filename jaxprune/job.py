@@ -266,6 +266,7 @@ def run_job(
         device_count=jax.device_count(),
         calibration_tokens=int(sum(np.asarray(c).size for c in calib)),
         group=cfg.group_or_default,
+        softmax_mask=cfg.softmax_mask if cfg.method == "softmax" else None,
         run_dir=str(run_dir),
         files=["metrics.json", resume.RUN_FILE, *files],
         warnings=warnings,

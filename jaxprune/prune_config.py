@@ -107,9 +107,11 @@ class SoftmaxConfig:
     )
     # Steps of each short solve in the search.
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
-    # Where the mask comes from: solve (the relaxed mask solve, then rounding) or sparsegpt
-    # (SparseGPT's mask and weights, authors' rules; no mask solve, then the update from there).
-    mask: str = field(default="solve", metadata={"choices": ("solve", "sparsegpt")})
+    # Where the mask comes from: solve (the relaxed mask solve, then rounding), sparsegpt
+    # (SparseGPT's mask and weights, authors' rules; no mask solve, then the update from there)
+    # or auto (the best measured: sparsegpt for N:M patterns with update=softmax, else solve;
+    # metrics.json records the choice as softmax_mask).
+    mask: str = field(default="auto", metadata={"choices": ("auto", "solve", "sparsegpt")})
     # Start point: wanda (Wanda's ordering as ranks in [0, 1], the best measured) or ones (the
     # paper's M = 1).
     init: str = field(default="wanda", metadata={"choices": ("ones", "wanda")})
@@ -257,6 +259,12 @@ class PruneConfig:
             )
 
     @property
+    def softmax_mask(self) -> str:
+        """Where the softmax-aware method's mask comes from (``softmax.mask`` with auto
+        resolved)."""
+        return resolve_mask(self.softmax.mask, self.pattern, self.softmax.update)
+
+    @property
     def group_or_default(self) -> str | None:
         """The comparison group the method uses (``None`` for dense)."""
         groups = METHOD_GROUPS[self.method]
@@ -266,6 +274,15 @@ class PruneConfig:
     def sparsity_or_none(self) -> float | None:
         """The sparsity to pass to ``binarize`` (None for N:M, which fixes it)."""
         return None if parse_nm(self.pattern) else self.sparsity
+
+
+def resolve_mask(mask: str, pattern: str, update: str) -> str:
+    """``softmax.mask`` with auto resolved to the best measured choice on the full protocol
+    (README): SparseGPT's mask at N:M patterns with the softmax update (it beats the solved mask
+    at 2:4), the solved mask otherwise (it wins at 50% unstructured)."""
+    if mask != "auto":
+        return mask
+    return "sparsegpt" if parse_nm(pattern) is not None and update == "softmax" else "solve"
 
 
 def flat_settings(config: dict[str, Any]) -> dict[str, Any]:

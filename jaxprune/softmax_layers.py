@@ -122,7 +122,7 @@ def prune_qk_softmax_layers(
     one = partial(prune_qk_softmax, cfg=cfg, progress=progress, desc=desc, **shape_kw)
     if (
         cfg.softmax.optimizer == "gd"
-        or cfg.softmax.mask != "solve"
+        or cfg.softmax_mask != "solve"
         or len({x.shape for x in xs}) > 1
     ):
         return [one(w, x, s, value_weights=v) for w, x, s, v in layers]

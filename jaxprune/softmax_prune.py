@@ -237,7 +237,7 @@ def prune_qk_softmax(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
     setup = solve_setup(weights, x, stats, cfg, shape_kw, value_weights)
-    if cfg.softmax.mask == "sparsegpt":
+    if cfg.softmax_mask == "sparsegpt":
         return _from_sparsegpt(weights, x, stats, cfg, setup, shape_kw, progress, desc, start)
     # One loss function object per setting (cached), so every layer reuses the compiled solver.
     loss_of = partial(
@@ -318,7 +318,7 @@ class SolveSetup:
     """What one layer's mask solve starts from (:func:`solve_setup`).
 
     Attributes:
-      init: the start masks, shaped like the kernels.
+      init: the start masks, shaped like the kernels (``None`` when the mask is not solved).
       data: ``(weights, x, target, scale, values)``, the data of the solve's loss (``target`` is
         ``None`` for the row-blocked term, ``values`` the output form's ``(V, O)`` or ``None``).
       query_idx: the sampled query rows (a tuple) or ``None`` for all.
@@ -379,7 +379,9 @@ def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSe
     n_entries = sum(w.size for w in weights.values()) if cfg.softmax.normalize else 1.0
 
     group = cfg.group_or_default
-    if cfg.softmax.init == "wanda":
+    if cfg.softmax_mask != "solve":
+        init = None  # no mask solve: the mask comes from elsewhere
+    elif cfg.softmax.init == "wanda":
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 from jaxprune import plots, results
 from jaxprune.compare import format_difference, paired_bootstrap
 from jaxprune.config import ConfigError, flatten, from_dict, to_dict
-from jaxprune.prune_config import PruneConfig, flat_settings
+from jaxprune.prune_config import PruneConfig, flat_settings, resolve_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class TableConfig:
     # Run the rows not yet measured (false: only write the table of the measured ones, listing
     # the others as not yet measured).
     run_missing: bool = True
+    # One change at a time: each a mapping {change: what it changes, row: the row with it,
+    # against: the row without it}; table.md gets the paired difference row - against.
+    ablations: tuple[dict, ...] = ()
     # Stop after measuring this many new rows (None: all), so a driver can run one row per
     # process and a long table can be spread over sessions.
     max_new_rows: int | None = field(default=None, metadata={"range": (1, 10000)})
@@ -54,6 +57,20 @@ class TableConfig:
                 raise ValueError(
                     f"row {row['name']!r}: reference {ref!r} names no other row; rows are {names}."
                 )
+        for ablation in self.ablations:
+            keys = set(ablation) if isinstance(ablation, dict) else set()
+            if keys != {"change", "row", "against"}:
+                raise ValueError(
+                    f"ablation {ablation!r}: give exactly change, row and against, such as "
+                    "{change: 'softmax.update: none', row: 'softmax qk 50% (no update)', "
+                    "against: 'softmax qk 50%'}."
+                )
+            for side in ("row", "against"):
+                if ablation[side] not in names:
+                    raise ValueError(
+                        f"ablation {ablation['change']!r}: {side} {ablation[side]!r} names no "
+                        f"row; rows are {names}."
+                    )
         for cfg in self.row_configs().values():
             del cfg  # building them validates every row
 
@@ -78,8 +95,8 @@ def _same_settings(stored: dict, current: dict) -> bool:
     them, nested or (rows stored before the sections) flat; they are compared as flat dotted keys
     (:func:`flat_settings`). A key the stored config lacks was added to ``PruneConfig`` after the
     row ran; the row measured its default, so it matches only that."""
-    stored, current = flat_settings(stored), flat_settings(current)
-    defaults = flat_settings(json.loads(json.dumps(to_dict(PruneConfig()))))
+    stored, current = _resolved(flat_settings(stored)), _resolved(flat_settings(current))
+    defaults = _resolved(flat_settings(json.loads(json.dumps(to_dict(PruneConfig())))))
     if current.get("method") != "softmax":
         # Only the softmax-aware method reads its section, so a change of its defaults leaves
         # the other methods' rows valid.
@@ -91,6 +108,15 @@ def _same_settings(stored: dict, current: dict) -> bool:
         elif value != defaults.get(key):
             return False
     return set(stored) <= set(current)
+
+
+def _resolved(settings: dict) -> dict:
+    """Flat settings with ``softmax.mask=auto`` replaced by the mask it gives (so a row on the
+    default matches the run that measured that mask under its own name)."""
+    if "softmax.mask" not in settings:
+        return settings
+    mask = resolve_mask(settings["softmax.mask"], settings["pattern"], settings["softmax.update"])
+    return settings | {"softmax.mask": mask}
 
 
 def _without_softmax(settings: dict) -> dict:
@@ -227,6 +253,8 @@ def _write(out: Path, rows: list[dict], cfg: TableConfig) -> None:
     text = results.markdown_table(headers, body) + "\n"
     if pending:
         text += "\nRows not yet measured:\n" + "\n".join(pending) + "\n"
+    if cfg.ablations:
+        text += "\n" + ablation_table(rows, cfg.ablations, datasets) + "\n"
     (out / "table.md").write_text(text)
     results.write_json(out / "table.json", rows)
     plots.bar_plot(
@@ -261,6 +289,33 @@ def _write(out: Path, rows: list[dict], cfg: TableConfig) -> None:
             logy=True,
             title="Attention-matrix error per layer",
         )
+
+
+def ablation_table(rows: list[dict], ablations, datasets: list[str]) -> str:
+    """One change at a time: the paired difference ``row - against`` per data set (95%
+    bootstrap interval over the shared windows), or "not yet measured" while a side is
+    missing."""
+    by_name = {r["name"]: r for r in rows}
+    # Only the data sets some ablation's row evaluated (the paper rows' set may have none).
+    evaluated = [by_name.get(a["row"], {}).get("evaluation", {}) for a in ablations]
+    datasets = [d for d in datasets if any(d in ev for ev in evaluated)]
+    body = []
+    for a in ablations:
+        on, off = by_name.get(a["row"]), by_name.get(a["against"])
+        cells = []
+        for d in datasets:
+            if on is None or off is None:
+                cells.append("not yet measured")
+            elif d not in on["evaluation"] or d not in off["evaluation"]:
+                cells.append("-")
+            else:
+                cmp = paired_bootstrap(on["evaluation"][d], off["evaluation"][d])
+                cells.append(format_difference(cmp))
+        body.append([a["change"], a["row"], a["against"], *cells])
+    headers = ["change", "row", "against", *(f"{d} Δ row - against [95% CI]" for d in datasets)]
+    return "Ablations (one change at a time, paired over the same windows):\n\n" + (
+        results.markdown_table(headers, body)
+    )
 
 
 def summary(metrics: dict) -> str:

@@ -199,3 +199,64 @@ def test_a_run_started_with_flat_settings_resumes_and_names_dotted_differences(t
     other = to_dict(replace(cfg, softmax={"lam": 0.1}))
     with pytest.raises(ResumeError, match=r"\(softmax.lam: 0.03 there, 0.1 now\)"):
         resume.check_resumable(tmp_path, other, defaults)
+
+
+@pytest.mark.parametrize(
+    "pattern,update,mask",
+    [
+        ("unstructured", "softmax", "solve"),
+        ("2:4", "softmax", "sparsegpt"),
+        ("2:4", "none", "solve"),
+    ],
+)
+def test_auto_mask_resolves_to_the_best_measured_and_follows_a_changed_pattern(
+    pattern, update, mask
+):
+    """softmax.mask=auto is SparseGPT's mask at N:M with the softmax update (the better 2:4 row),
+    the solved mask otherwise. It stays auto in the config, so changing the pattern of a config
+    changes the mask too, while an explicit mask stays."""
+    cfg = replace(PruneConfig(), method="softmax", pattern=pattern, softmax={"update": update})
+    assert cfg.softmax.mask == "auto" and cfg.softmax_mask == mask
+    assert replace(cfg, pattern="unstructured").softmax_mask == "solve"
+    pinned = replace(cfg, softmax={"mask": "solve"})
+    assert replace(pinned, pattern="2:4").softmax_mask == "solve"
+
+
+def test_the_default_2_4_row_is_the_sparsegpt_mask_run_and_the_solved_mask_keeps_its_row():
+    from jaxprune.table import _reusable
+
+    rows = _table().row_configs()
+    default = _reusable(FULL, rows["softmax qk 2:4"])
+    solved = _reusable(FULL, rows["softmax qk 2:4 (solved mask)"])
+    assert flat_settings(default["config"])["softmax.mask"] == "sparsegpt"
+    assert flat_settings(solved["config"]).get("softmax.mask", "solve") == "solve"
+    assert default["run_dir"] != solved["run_dir"]
+
+
+def test_the_ablation_table_pairs_each_change_with_its_row_without_it():
+    from jaxprune.compare import format_difference, paired_bootstrap
+    from jaxprune.table import _reusable, ablation_table
+
+    table = _table()
+    configs = table.row_configs()
+    rows = [
+        {"name": name, **found}
+        for name in ("softmax qk 50%", "softmax qk 50% (no update)")
+        if (found := _reusable(FULL, configs[name])) is not None
+    ]
+    assert len(rows) == 2
+    ablations = [
+        {"change": "update", "row": "softmax qk 50%", "against": "softmax qk 50% (no update)"},
+        {"change": "term", "row": "softmax qk 50% (1024-token term)", "against": "softmax qk 50%"},
+    ]
+    text = ablation_table(rows, ablations, ["wikitext2", "c4", "c4-paper"])
+    update, pending = text.splitlines()[-2:]
+    for d in ("wikitext2", "c4"):
+        expected = paired_bootstrap(rows[0]["evaluation"][d], rows[1]["evaluation"][d])
+        assert format_difference(expected) in update
+    assert "c4-paper" not in text  # no ablation's row evaluated it
+    assert pending.count("not yet measured") == 2
+    with pytest.raises(ValueError, match="against 'nope' names no row"):
+        _table(ablations=[{"change": "x", "row": "softmax qk 50%", "against": "nope"}])
+    with pytest.raises(ValueError, match="give exactly change, row and against"):
+        _table(ablations=[{"change": "x", "on": "softmax qk 50%"}])
