@@ -370,3 +370,10 @@ def qk_pruning_loss_layers(masks, weights, x, **kwargs) -> tuple[jax.Array, dict
     fn = lambda m, w, xi, t, s: qk_pruning_loss(m, w, xi, target=t, attn_scale=s, **kwargs)  # noqa: E731
     losses, aux = jax.vmap(fn)(masks, weights, x, target, scale)
     return jnp.sum(losses), jax.tree.map(jnp.sum, aux)
+
+
+def relative_error(new: jax.Array, ref: jax.Array) -> jax.Array:
+    """``||new - ref||_F / ||ref||_F`` over the last two axes (one attention matrix or output),
+    averaged over the leading axes (heads, sequences)."""
+    num = jnp.sqrt(jnp.sum((new - ref) ** 2, axis=(-2, -1)))
+    return jnp.mean(num / jnp.sqrt(jnp.sum(ref * ref, axis=(-2, -1))))

@@ -43,6 +43,7 @@ from jaxprune.objective import (
     qk_attention_term_blocked,
     qk_layer_probs,
     qk_pruning_loss,
+    relative_error,
 )
 from jaxprune.solvers import solve_masks
 
@@ -134,12 +135,6 @@ def _blocked_term(masks, weights, x, row_block, shape_kw):
     return qk_attention_term_blocked(masks, weights, x, row_block=row_block, **shape_kw)
 
 
-def _relative_error(new, ref):
-    # ||new - ref||_F / ||ref||_F over the last two axes, averaged over the others.
-    num = jnp.sqrt(jnp.sum((new - ref) ** 2, axis=(-2, -1)))
-    return jnp.mean(num / jnp.sqrt(jnp.sum(ref * ref, axis=(-2, -1))))
-
-
 @partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
 def attention_error(
     wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None
@@ -149,7 +144,7 @@ def attention_error(
     kw = dict(
         n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
     )
-    return _relative_error(qk_layer_probs(wq_new, wk_new, x, **kw), qk_layer_probs(wq, wk, x, **kw))
+    return relative_error(qk_layer_probs(wq_new, wk_new, x, **kw), qk_layer_probs(wq, wk, x, **kw))
 
 
 @jax.jit
@@ -183,8 +178,8 @@ def layer_errors(dense, new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling
         for k, w in (("dense", dense), ("new", new))
     }
     return (
-        _relative_error(probs["new"], probs["dense"]),
-        _relative_error(outs["new"], outs["dense"]),
+        relative_error(probs["new"], probs["dense"]),
+        relative_error(outs["new"], outs["dense"]),
     )
 
 

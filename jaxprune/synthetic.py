@@ -22,7 +22,7 @@ import numpy as np
 from jaxprune import plots, results
 from jaxprune.config import to_dict
 from jaxprune.masks import binarize, measured_sparsity, parse_nm
-from jaxprune.objective import attention_pruning_grad, merged_attention
+from jaxprune.objective import attention_pruning_grad, merged_attention, relative_error
 from jaxprune.solvers import smoothness_estimate, solve_mask
 
 POSITIVE = {"range": (0, None)}
@@ -101,10 +101,9 @@ def make_problem(cfg: SyntheticConfig):
 @partial(jax.jit, static_argnames="causal")
 def attention_error(keep, weight, x, causal=True):
     """Mean over sequences of ``||f(B∘W) - f(W)||_F / ||f(W)||_F``."""
-    dense = merged_attention(weight, x, causal)
-    pruned = merged_attention(keep * weight, x, causal)
-    num = jnp.sqrt(jnp.sum((pruned - dense) ** 2, axis=(-2, -1)))
-    return jnp.mean(num / jnp.sqrt(jnp.sum(dense**2, axis=(-2, -1))))
+    return relative_error(
+        merged_attention(keep * weight, x, causal), merged_attention(weight, x, causal)
+    )
 
 
 def _merged_grad(mask, data, *, lam, causal):
