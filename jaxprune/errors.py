@@ -85,8 +85,9 @@ def one_line(err: BaseException, max_items: int = 4) -> str:
     if is_out_of_memory(err):
         first = str(err).strip().splitlines()[0]
         return (
-            f"out of memory ({first[:200]}); lower --micro-batch or --eval-batch, shorten "
-            "--calib-seq-len or --softmax-seq-len, or use a machine with more memory."
+            f"out of memory ({first[:200]}); lower --calibration.micro-batch or --eval.batch, "
+            "shorten --calibration.seq-len or --softmax.seq-len (or set --softmax.row-block), "
+            "or use a machine with more memory."
         )
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     lines += [note.strip() for note in getattr(err, "__notes__", ()) if note.strip()]

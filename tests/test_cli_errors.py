@@ -256,6 +256,27 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(capsys):
     )
 
 
+def test_out_of_memory_names_flags_that_exist():
+    import argparse
+    import re
+
+    from jaxprune.commands import prune as prune_cmd
+    from jaxprune.errors import is_user_error, one_line
+
+    class XlaRuntimeError(RuntimeError):
+        pass
+
+    err = XlaRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8589934592 bytes.")
+    assert is_user_error(err)
+    message = one_line(err)
+    assert message.startswith("out of memory (RESOURCE_EXHAUSTED: Out of memory allocating")
+    parser = argparse.ArgumentParser()
+    prune_cmd.add_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    named = re.findall(r"--[\w.-]+", message)
+    assert len(named) >= 4 and set(named) <= flags, set(named) - flags
+
+
 def test_diverged_solve_names_the_flags():
     from jaxprune.config import from_dict
     from jaxprune.pipeline import PruneConfig, _diverged
