@@ -1,6 +1,6 @@
 """A scaled-down run against committed full-protocol rows, on the windows both evaluated.
 
-A run evaluated on the first K windows of each set (``--eval-windows K``) is compared, paired
+A run evaluated on the first K windows of each set (``--eval.windows K``) is compared, paired
 over those K windows, with full-protocol rows cut to their first K windows (the same windows:
 the protocol's windows are taken in order). Prints each set's perplexity on those windows, the
 paired 95% bootstrap interval of the difference against each reference row, and the run's excess
