@@ -16,6 +16,7 @@ COMMANDS = {
     "run": "jaxprune.commands.run",
     "eval": "jaxprune.commands.eval",
     "prune": "jaxprune.commands.prune",
+    "compare": "jaxprune.commands.compare",
 }
 
 # Exit status of a user error (argparse's own for a bad command line).
