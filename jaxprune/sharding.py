@@ -106,8 +106,7 @@ def place_qk_solve(mesh: Mesh | None, init, data, *, stacked: bool = False):
     weights, x, target, scale, values, *scalars = data
 
     def put(tree, kind):
-        sharding = NamedSharding(mesh, _spec(kind, stacked))
-        return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+        return place(mesh, tree, kind, stacked=stacked)
 
     placed = (
         put(weights, "kernel"),
@@ -118,6 +117,16 @@ def place_qk_solve(mesh: Mesh | None, init, data, *, stacked: bool = False):
         *(put(s, "scalar") for s in scalars),
     )
     return put(init, "kernel"), placed
+
+
+def place(mesh: Mesh | None, tree: Any, kind: str, *, stacked: bool = False) -> Any:
+    """Places every array of ``tree`` on ``mesh``, split as ``kind``: ``"kernel"`` (q/k masks
+    and kernels, by head column), ``"heads"`` (a leading head axis), ``"inputs"`` or
+    ``"scalar"`` (replicated); ``None`` leaves are kept, and ``mesh=None`` returns ``tree``."""
+    if mesh is None or tree is None:
+        return tree
+    sharding = NamedSharding(mesh, _spec(kind, stacked))
+    return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
 
 
 def gather(tree: Any) -> Any:

@@ -501,12 +501,23 @@ def reconstruct_qk_softmax(
     keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
     rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
     start = weights if start is None else start
-
+    # Several devices: split by key/value group like the mask solve (jaxprune.sharding).
+    mesh = sharding.solve_mesh(n_kv_heads)
+    kernels = [sharding.place(mesh, t, "kernel") for t in (start, keep_f, weights)]
+    data = (
+        *kernels[:2],
+        sharding.place(mesh, rms, "scalar"),
+        sharding.place(mesh, x, "inputs"),
+        sharding.place(mesh, target, "heads"),
+        sharding.place(mesh, attn_scale, "scalar"),
+        sharding.place(mesh, values, "heads"),
+        kernels[2],
+    )
     res = solve_masks(
         _update_loss(query_idx, tuple(sorted(shape_kw.items())), row_block),
-        {k: jnp.zeros_like(w) for k, w in weights.items()},
+        sharding.place(mesh, {k: jnp.zeros_like(w) for k, w in weights.items()}, "kernel"),
         steps=steps,
-        data=(start, keep_f, rms, x, target, attn_scale, values, weights),
+        data=data,
         optimizer="adam",
         step_size=lr,
         project=False,
@@ -514,7 +525,8 @@ def reconstruct_qk_softmax(
         progress=progress,
         desc=desc,
     )
-    new = {k: jnp.where(keep[k], w + rms[k] * res.masks[k], 0) for k, w in start.items()}
+    delta = res.masks if mesh is None else sharding.gather(res.masks)
+    new = {k: jnp.where(keep[k], w + rms[k] * delta[k], 0) for k, w in start.items()}
     info = dict(
         update_attention_before=float(res.history["attention"][0]),
         update_attention_after=float(res.final_loss),
