@@ -503,19 +503,20 @@ def reconstruct_qk_softmax(
     start = weights if start is None else start
     # Several devices: split by key/value group like the mask solve (jaxprune.sharding).
     mesh = sharding.solve_mesh(n_kv_heads)
-    kernels = [sharding.place(mesh, t, "kernel") for t in (start, keep_f, weights)]
+    place = partial(sharding.place, mesh)
     data = (
-        *kernels[:2],
-        sharding.place(mesh, rms, "scalar"),
-        sharding.place(mesh, x, "inputs"),
-        sharding.place(mesh, target, "heads"),
-        sharding.place(mesh, attn_scale, "scalar"),
-        sharding.place(mesh, values, "heads"),
-        kernels[2],
+        place(start, "kernel"),
+        place(keep_f, "kernel"),
+        place(rms, "scalar"),
+        place(x, "inputs"),
+        place(target, "heads"),
+        place(attn_scale, "scalar"),
+        place(values, "heads"),
+        place(weights, "kernel"),
     )
     res = solve_masks(
         _update_loss(query_idx, tuple(sorted(shape_kw.items())), row_block),
-        sharding.place(mesh, {k: jnp.zeros_like(w) for k, w in weights.items()}, "kernel"),
+        place({k: jnp.zeros_like(w) for k, w in weights.items()}, "kernel"),
         steps=steps,
         data=data,
         optimizer="adam",
