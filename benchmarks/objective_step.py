@@ -1,8 +1,13 @@
 """One loss-and-gradient step of the factored objective at a realistic size, against a big matmul.
 
-Prints the step time, its achieved FLOP/s (FLOPs from XLA's cost analysis of the compiled step,
-and from a hand count), and the FLOP/s of a large ``jnp.dot`` measured in the same run, with the
-ratio. Timings interleave the two workloads so a noisy shared machine affects both alike.
+Times the step three ways, side by side: ``autodiff`` (``jax.value_and_grad`` of
+:func:`jaxprune.objective.qk_pruning_loss`, what the solver runs), ``custom_vjp`` (the same with the
+attention term's hand-written backward pass, :func:`jaxprune.objective_vjp.qk_pruning_loss_vjp`)
+and ``fused`` (value and mask gradient in one pass with no autodiff,
+:func:`jaxprune.objective_vjp.qk_pruning_value_and_grad`). For each it prints the step time, its
+achieved FLOP/s (FLOPs from XLA's cost analysis of the compiled step, and from a hand count that
+is the same for all three) and the ratio to the FLOP/s of a large ``jnp.dot`` measured in the same
+run. Timings interleave all workloads so a noisy shared machine affects them alike.
 
     python benchmarks/objective_step.py [--n 2048 --d 576 --heads 9 --kv-heads 3 --head-dim 64]
 """
@@ -17,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.objective import qk_layer_probs, qk_pruning_loss
+from jaxprune.objective_vjp import qk_pruning_loss_vjp, qk_pruning_value_and_grad
+
+VARIANTS = ("autodiff", "custom_vjp", "fused")
 
 
 def timed(fn, *args, repeats):
@@ -26,6 +34,20 @@ def timed(fn, *args, repeats):
         jax.block_until_ready(fn(*args))
         out.append(time.perf_counter() - t)
     return out
+
+
+def steps(kw):
+    """The jitted ``(masks, weights, x, target) -> (loss, mask gradients)`` of each variant."""
+    loss = dict(lam=1e-3, **kw)
+    return {
+        "autodiff": jax.value_and_grad(
+            lambda m, w, x, t: qk_pruning_loss(m, w, x, target=t, **loss)[0]
+        ),
+        "custom_vjp": jax.value_and_grad(
+            lambda m, w, x, t: qk_pruning_loss_vjp(m, w, x, target=t, **loss)[0]
+        ),
+        "fused": lambda m, w, x, t: qk_pruning_value_and_grad(m, w, x, target=t, **loss),
+    }
 
 
 def main() -> None:
@@ -38,7 +60,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--matmul", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
     a = p.parse_args()
+    names = a.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        p.error(f"--variants {a.variants!r}: unknown {sorted(unknown)}; choose from {VARIANTS}.")
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(a.batch, a.n, a.d)), jnp.float32)
@@ -53,14 +79,14 @@ def main() -> None:
     masks = jax.tree.map(lambda w: 0.9 * jnp.ones_like(w), weights)
 
     # Data are arguments, not closed-over constants (XLA would constant-fold them).
-    step = jax.jit(
-        jax.value_and_grad(lambda m, w, x, t: qk_pruning_loss(m, w, x, lam=1e-3, target=t, **kw)[0])
-    )
     args = (masks, weights, x, target)
-    compiled = step.lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = float(cost.get("flops", float("nan")))
+    compiled, xla_flops, outs = {}, {}, {}
+    for name in names:
+        compiled[name] = jax.jit(steps(kw)[name]).lower(*args).compile()
+        cost = compiled[name].cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        xla_flops[name] = float(cost.get("flops", float("nan")))
+        outs[name] = jax.block_until_ready(compiled[name](*args))
     n, d, h, g, dh, b = a.n, a.d, a.heads, a.kv_heads, a.head_dim, a.batch
     fwd = 2 * b * n * d * dh * (h + g) + 2 * b * h * n * n * dh  # projections + logits
     hand_flops = 3 * fwd  # forward + backward (about twice the forward's matmuls)
@@ -69,31 +95,33 @@ def main() -> None:
     big_a = jnp.asarray(rng.normal(size=(m, m)), jnp.float32)
     big_b = jnp.asarray(rng.normal(size=(m, m)), jnp.float32)
     dot = jax.jit(jnp.dot)
-    jax.block_until_ready(compiled(*args))
     jax.block_until_ready(dot(big_a, big_b))
 
-    step_times, dot_times = [], []
+    times = {name: [] for name in [*names, "dot"]}
     for _ in range(a.repeats):  # interleaved
-        step_times += timed(compiled, *args, repeats=1)
-        dot_times += timed(dot, big_a, big_b, repeats=1)
-    t_step, t_dot = float(np.median(step_times)), float(np.median(dot_times))
+        for name in names:
+            times[name] += timed(compiled[name], *args, repeats=1)
+        times["dot"] += timed(dot, big_a, big_b, repeats=1)
+    t_dot = float(np.median(times["dot"]))
     dot_flops = 2 * m**3 / t_dot
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
     print(f"factored loss+grad, n={n} d={d} heads={h} kv_heads={g} head_dim={dh} batch={b}")
-    print(f"  step time (median of {a.repeats}): {t_step * 1e3:.1f} ms")
-    print(
-        f"  FLOPs per step: XLA cost analysis {xla_flops / 1e9:.2f} GFLOP, "
-        f"hand count {hand_flops / 1e9:.2f} GFLOP"
-    )
-    print(
-        f"  achieved: {xla_flops / t_step / 1e9:.1f} GFLOP/s (XLA count), "
-        f"{hand_flops / t_step / 1e9:.1f} GFLOP/s (hand count)"
-    )
     print(f"jnp.dot {m}x{m} @ {m}x{m}: {t_dot * 1e3:.1f} ms, {dot_flops / 1e9:.1f} GFLOP/s")
-    print(
-        f"ratio step/dot FLOP/s: {xla_flops / t_step / dot_flops:.3f} (XLA count), "
-        f"{hand_flops / t_step / dot_flops:.3f} (hand count)"
-    )
+    print(f"hand count {hand_flops / 1e9:.2f} GFLOP per step (all variants)")
+    ref = outs[names[0]]
+    for name in names:
+        t = float(np.median(times[name]))
+        gap = max(
+            float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v)))
+            for u, v in zip(jax.tree.leaves(outs[name][1]), jax.tree.leaves(ref[1]), strict=True)
+        )
+        print(
+            f"  {name:10s} step {t * 1e3:7.1f} ms (median of {a.repeats}, "
+            f"min {min(times[name]) * 1e3:.1f}); XLA count {xla_flops[name] / 1e9:.2f} GFLOP; "
+            f"ratio step/dot FLOP/s {xla_flops[name] / t / dot_flops:.3f} (XLA count), "
+            f"{hand_flops / t / dot_flops:.3f} (hand count); "
+            f"grad max rel. diff to {names[0]} {gap:.1e}"
+        )
 
 
 if __name__ == "__main__":

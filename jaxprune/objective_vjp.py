@@ -1,0 +1,278 @@
+"""The factored attention term of :func:`jaxprune.objective.qk_pruning_loss` with a hand-written
+backward pass (the closed-form gradient), as an alternative to autodiff.
+
+For one query head with probabilities ``P`` and target ``T`` the term is ``1/2 ||P - T||_F^2``;
+with ``c = P - T`` its pullback through the row-wise softmax is ``p = P∘c - rowsum(P∘c) P``, so the
+logits' cotangent is ``p / sqrt(dh)``, the rotated queries' ``p K_rot`` and the rotated keys'
+``p^T Q_rot``. RoPE is an orthogonal rotation per position, so its transpose is the rotation by
+the opposite angle (:func:`jaxprune.rope.apply_rope` with ``-sin``). The projection kernels'
+cotangents are then ``x^T dQ`` and ``x^T dK``, one matmul each over all heads.
+
+Layout: queries are grouped by key/value head, ``(b, g, rep*r, dh)``, so each group is one larger
+matmul against its keys ``(b, g, n, dh)`` (no broadcast of the keys to every query head) and the
+keys' cotangent sums over the group's query heads inside the contraction (no reduction over heads
+afterwards). The probabilities keep the public ``(h, b, r, n)`` layout of
+:func:`jaxprune.objective.qk_layer_probs` only where they meet ``target``.
+
+Two entry points share the code: :func:`qk_attention_term_and_grad` is plain JAX with no autodiff
+(it can be differentiated again, e.g. by ``jax.jvp`` for a Hessian-vector product), and
+:func:`qk_attention_term` is a ``jax.custom_vjp`` function that ``jax.grad`` uses as written.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxprune.objective import _batched, mask_regulariser, qk_layer_probs
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin
+
+
+class _Shape(NamedTuple):
+    """Static settings of the term (hashable: the ``custom_vjp``'s non-differentiable argument)."""
+
+    n_heads: int
+    n_kv_heads: int
+    rope_theta: float | None
+    causal: bool
+    rope_scaling: Llama3RopeScaling | None
+
+
+def _rope_tables(shape: _Shape, n: int, head_dim: int, dtype, query_idx):
+    if shape.rope_theta is None:
+        return None, None
+    cos, sin = rope_cos_sin(
+        jnp.arange(n), head_dim, shape.rope_theta, dtype=dtype, scaling=shape.rope_scaling
+    )
+    rope_q = (cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])
+    return rope_q, (cos, sin)
+
+
+def _rotate(a, rope, inverse=False):
+    if rope is None:
+        return a
+    cos, sin = rope
+    return apply_rope(a, cos, -sin if inverse else sin)
+
+
+def _forward(shape: _Shape, wq, wk, x, target, query_idx):
+    """Everything the value and the backward pass need: ``(term, (x, xq, q, k, probs, c))`` with
+    ``q: (b, g, rep*r, dh)`` and ``k: (b, g, n, dh)`` rotated, ``probs`` and ``c = probs - target``
+    in the grouped layout ``(b, g, rep*r, n)``."""
+    h, g = shape.n_heads, shape.n_kv_heads
+    if h % g:
+        raise ValueError(f"n_heads={h} is not a multiple of n_kv_heads={g}.")
+    rep = h // g
+    b, n, _ = x.shape
+    dh = wq.shape[1] // h
+    if wq.shape[1] != h * dh or wk.shape[1] != g * dh:
+        raise ValueError(
+            f"projections have {wq.shape[1]} and {wk.shape[1]} outputs, expected {h} and {g} heads "
+            f"of one head_dim."
+        )
+    xq = x if query_idx is None else x[:, query_idx]
+    r = xq.shape[1]
+    rope_q, rope_k = _rope_tables(shape, n, dh, x.dtype, query_idx)
+
+    # (b, r, h*dh) -> (b, g, rep, r, dh): one matmul for all heads, then the head axes lead.
+    q = jnp.einsum("brd,de->bre", xq, wq).reshape(b, r, g, rep, dh).transpose(0, 2, 3, 1, 4)
+    q = _rotate(q, rope_q).reshape(b, g, rep * r, dh)
+    k = jnp.einsum("bnd,de->bne", x, wk).reshape(b, n, g, dh).transpose(0, 2, 1, 3)
+    k = _rotate(k, rope_k)
+
+    logits = jnp.einsum("bgmc,bgnc->bgmn", q, k) / jnp.sqrt(jnp.asarray(dh, x.dtype))
+    logits = logits.reshape(b, g, rep, r, n)
+    if shape.causal:
+        pos = jnp.arange(n - r, n) if query_idx is None else query_idx
+        allowed = pos[:, None] >= jnp.arange(n)[None, :]
+        logits = jnp.where(allowed, logits, -jnp.inf)
+    unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)
+    # target is (h, b, r, n) = (g, rep, b, r, n): only the outer axes move.
+    c = probs - target.reshape(g, rep, b, r, n).transpose(2, 0, 1, 3, 4)
+    term = 0.5 * jnp.sum(c * c) / b
+    res = (x, xq, q, k, probs.reshape(b, g, rep * r, n), c.reshape(b, g, rep * r, n))
+    return term, res
+
+
+def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
+    """Cotangents of ``(wq, wk, x)`` (masked kernels and input) for the term's cotangent ``ct``."""
+    x, xq, q, k, probs, c = res
+    h, g = shape.n_heads, shape.n_kv_heads
+    rep = h // g
+    b, n, d = x.shape
+    r = xq.shape[1]
+    dh = q.shape[-1]
+    rope_q, rope_k = _rope_tables(shape, n, dh, x.dtype, query_idx)
+
+    pc = probs * c
+    scale = ct / (b * jnp.sqrt(jnp.asarray(dh, x.dtype)))
+    dlogits = (pc - jnp.sum(pc, axis=-1, keepdims=True) * probs) * scale
+    dq = jnp.einsum("bgmn,bgnc->bgmc", dlogits, k).reshape(b, g, rep, r, dh)
+    dk = jnp.einsum("bgmn,bgmc->bgnc", dlogits, q)  # sums over the group's query heads
+    dq = _rotate(dq, rope_q, inverse=True).transpose(0, 3, 1, 2, 4).reshape(b * r, h * dh)
+    dk = _rotate(dk, rope_k, inverse=True).transpose(0, 2, 1, 3).reshape(b * n, g * dh)
+    xq2, x2 = xq.reshape(b * r, d), x.reshape(b * n, d)
+    dwq = xq2.T @ dq
+    dwk = x2.T @ dk
+    # The input's cotangent: dead code under jit unless someone differentiates with respect to x.
+    dx = (dk @ wk.T).reshape(b, n, d)
+    dxq = (dq @ wq.T).reshape(b, r, d)
+    dx = dx + dxq if query_idx is None else dx.at[:, query_idx].add(dxq)
+    return dwq, dwk, dx
+
+
+def _check_target(target, shape: _Shape, x, r):
+    want = (shape.n_heads, x.shape[0], r, x.shape[1])
+    if target.shape != want:
+        raise ValueError(f"target has shape {target.shape}, expected (h, b, r, n) = {want}.")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _term(shape, wq, wk, x, target, query_idx):
+    return _forward(shape, wq, wk, x, target, query_idx)[0]
+
+
+def _term_fwd(shape, wq, wk, x, target, query_idx):
+    term, res = _forward(shape, wq, wk, x, target, query_idx)
+    return term, (wq, wk, res, query_idx)
+
+
+def _term_bwd(shape, saved, ct):
+    wq, wk, res, query_idx = saved
+    dwq, dwk, dx = _backward(shape, wq, wk, res, query_idx, ct)
+    # No cotangent for the target (stopped, as in qk_pruning_loss) nor for the integer rows.
+    return dwq, dwk, dx, None, None
+
+
+_term.defvjp(_term_fwd, _term_bwd)
+
+
+def qk_attention_term(
+    wq: Float[Array, "d hdh"],
+    wk: Float[Array, "d gdh"],
+    x: Float[Array, "*b n d"],
+    target: Float[Array, "h b r n"],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_theta: float | None,
+    causal: bool = True,
+    query_idx: Int[Array, " r"] | None = None,
+    rope_scaling: Llama3RopeScaling | None = None,
+) -> Float[Array, ""]:
+    """``1/2 sum_h mean_b ||P_h - target_h||_F^2`` for the (masked) kernels ``wq``, ``wk``, with
+    the closed-form backward pass (``jax.custom_vjp``) for ``wq``, ``wk`` and ``x``.
+
+    The value and its gradients equal those of the attention term of
+    :func:`jaxprune.objective.qk_pruning_loss` (before ``attn_scale``); ``target`` gets no
+    gradient (as there). Reverse mode only: ``jax.jvp`` of it raises (use
+    :func:`qk_attention_term_and_grad` for forward-over-reverse).
+
+    Args:
+      wq: query kernel ``(d, h*dh)``; wk: key kernel ``(d, g*dh)`` (already masked).
+      x: attention input ``(n, d)`` or ``(b, n, d)``.
+      target: the dense probabilities ``(h, b, r, n)``.
+      n_heads, n_kv_heads, rope_theta, causal, query_idx, rope_scaling: as in
+        :func:`jaxprune.objective.qk_layer_probs`.
+
+    Returns:
+      The scalar term.
+    """
+    x = _batched(x)
+    shape = _Shape(n_heads, n_kv_heads, rope_theta, causal, rope_scaling)
+    _check_target(target, shape, x, x.shape[1] if query_idx is None else query_idx.shape[0])
+    return _term(shape, wq, wk, x, target, query_idx)
+
+
+def qk_attention_term_and_grad(
+    wq: Float[Array, "d hdh"],
+    wk: Float[Array, "d gdh"],
+    x: Float[Array, "*b n d"],
+    target: Float[Array, "h b r n"],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_theta: float | None,
+    causal: bool = True,
+    query_idx: Int[Array, " r"] | None = None,
+    rope_scaling: Llama3RopeScaling | None = None,
+) -> tuple[Float[Array, ""], tuple[Float[Array, "d hdh"], Float[Array, "d gdh"]]]:
+    """The term of :func:`qk_attention_term` and its gradient with respect to ``wq`` and ``wk``,
+    computed in one pass with no autodiff. Same arguments.
+
+    Returns:
+      ``(term, (d term / d wq, d term / d wk))``.
+    """
+    x = _batched(x)
+    shape = _Shape(n_heads, n_kv_heads, rope_theta, causal, rope_scaling)
+    _check_target(target, shape, x, x.shape[1] if query_idx is None else query_idx.shape[0])
+    term, res = _forward(shape, wq, wk, x, target, query_idx)
+    dwq, dwk, _ = _backward(shape, wq, wk, res, query_idx, jnp.ones((), x.dtype))
+    return term, (dwq, dwk)
+
+
+def qk_pruning_loss_vjp(
+    masks: dict[str, Float[Array, "d _"]],
+    weights: dict[str, Float[Array, "d _"]],
+    x: Float[Array, "*b n d"],
+    *,
+    lam: float,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_theta: float | None,
+    causal: bool = True,
+    target: Float[Array, "h b r n"] | None = None,
+    attn_scale: float | jax.Array = 1.0,
+    reg_scale: float = 1.0,
+    query_idx: Int[Array, " r"] | None = None,
+    rope_scaling: Llama3RopeScaling | None = None,
+) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
+    """:func:`jaxprune.objective.qk_pruning_loss` (probability form) with the attention term's
+    backward pass written by hand (:func:`qk_attention_term`); same arguments, value and gradient
+    (tested), no ``values`` (output form)."""
+    kw = dict(
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        rope_theta=rope_theta,
+        causal=causal,
+        query_idx=query_idx,
+        rope_scaling=rope_scaling,
+    )
+    if target is None:
+        target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
+    target = jax.lax.stop_gradient(target)
+    attn = qk_attention_term(masks["q"] * weights["q"], masks["k"] * weights["k"], x, target, **kw)
+    attn = attn / attn_scale
+    reg = mask_regulariser(masks, lam, reg_scale)
+    return attn + reg, {"attention": attn, "reg": reg}
+
+
+def qk_pruning_value_and_grad(
+    masks: dict[str, Float[Array, "d _"]],
+    weights: dict[str, Float[Array, "d _"]],
+    x: Float[Array, "*b n d"],
+    *,
+    lam: float,
+    target: Float[Array, "h b r n"],
+    attn_scale: float | jax.Array = 1.0,
+    reg_scale: float = 1.0,
+    **kw,
+) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
+    """``(loss, d loss / d masks)`` of :func:`jaxprune.objective.qk_pruning_loss` (probability
+    form, given ``target``) in one fused pass, no autodiff: what a solver's ``grad_fn`` could call.
+    ``kw``: ``n_heads``, ``n_kv_heads``, ``rope_theta``, ``causal``, ``query_idx``,
+    ``rope_scaling``."""
+    wq, wk = weights["q"], weights["k"]
+    term, (dwq, dwk) = qk_attention_term_and_grad(masks["q"] * wq, masks["k"] * wk, x, target, **kw)
+    reg = mask_regulariser(masks, lam, reg_scale)
+    coef = lam / reg_scale
+    grads = {
+        "q": wq * dwq / attn_scale + coef * masks["q"],
+        "k": wk * dwk / attn_scale + coef * masks["k"],
+    }
+    return term / attn_scale + reg, grads
