@@ -40,6 +40,8 @@ class _Shape(NamedTuple):
     rope_theta: float | None
     causal: bool
     rope_scaling: Llama3RopeScaling | None
+    # Causal row blocks: block i of the n/blocks query rows meets only keys 0 .. its last row.
+    blocks: int
 
 
 def _rope_tables(shape: _Shape, n: int, head_dim: int, dtype, query_idx):
@@ -59,10 +61,20 @@ def _rotate(a, rope, inverse=False):
     return apply_rope(a, cos, -sin if inverse else sin)
 
 
+def _spans(shape: _Shape, r: int, n: int):
+    """``(first row, end row, keys)`` of each row block: with the causal mask and all ``n`` query
+    rows, block ``i`` needs only the keys up to its last row (the rest of its probabilities and
+    of a causal target are zero), so the blocks together skip about half of the ``(n, n)`` work."""
+    if shape.blocks == 1:
+        return [(0, r, n)]
+    size = r // shape.blocks
+    return [(i * size, (i + 1) * size, (i + 1) * size) for i in range(shape.blocks)]
+
+
 def _forward(shape: _Shape, wq, wk, x, target, query_idx):
     """Everything the value and the backward pass need: ``(term, (x, xq, q, k, probs, c))`` with
-    ``q: (b, g, rep*r, dh)`` and ``k: (b, g, n, dh)`` rotated, ``probs`` and ``c = probs - target``
-    in the grouped layout ``(b, g, rep*r, n)``."""
+    ``q: (b, g, rep, r, dh)`` and ``k: (b, g, n, dh)`` rotated, and per row block its
+    probabilities and ``c = probs - target`` in the grouped layout ``(b, g, rep*rows, keys)``."""
     h, g = shape.n_heads, shape.n_kv_heads
     if h % g:
         raise ValueError(f"n_heads={h} is not a multiple of n_kv_heads={g}.")
@@ -80,28 +92,34 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
 
     # (b, r, h*dh) -> (b, g, rep, r, dh): one matmul for all heads, then the head axes lead.
     q = jnp.einsum("brd,de->bre", xq, wq).reshape(b, r, g, rep, dh).transpose(0, 2, 3, 1, 4)
-    q = _rotate(q, rope_q).reshape(b, g, rep * r, dh)
+    q = _rotate(q, rope_q)
     k = jnp.einsum("bnd,de->bne", x, wk).reshape(b, n, g, dh).transpose(0, 2, 1, 3)
     k = _rotate(k, rope_k)
-
-    logits = jnp.einsum("bgmc,bgnc->bgmn", q, k) / jnp.sqrt(jnp.asarray(dh, x.dtype))
-    logits = logits.reshape(b, g, rep, r, n)
-    if shape.causal:
-        pos = jnp.arange(n - r, n) if query_idx is None else query_idx
-        allowed = pos[:, None] >= jnp.arange(n)[None, :]
-        logits = jnp.where(allowed, logits, -jnp.inf)
-    unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    probs = unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)
     # target is (h, b, r, n) = (g, rep, b, r, n): only the outer axes move.
-    c = probs - target.reshape(g, rep, b, r, n).transpose(2, 0, 1, 3, 4)
-    term = 0.5 * jnp.sum(c * c) / b
-    res = (x, xq, q, k, probs.reshape(b, g, rep * r, n), c.reshape(b, g, rep * r, n))
-    return term, res
+    target = target.reshape(g, rep, b, r, n)
+    pos = jnp.arange(n - r, n) if query_idx is None else query_idx
+
+    term, probs, cs = 0.0, [], []
+    for start, end, keys in _spans(shape, r, n):
+        rows = end - start
+        qb = q[:, :, :, start:end].reshape(b, g, rep * rows, dh)
+        logits = jnp.einsum("bgmc,bgnc->bgmn", qb, k[:, :, :keys])
+        logits = (logits / jnp.sqrt(jnp.asarray(dh, x.dtype))).reshape(b, g, rep, rows, keys)
+        if shape.causal:
+            allowed = pos[start:end, None] >= jnp.arange(keys)[None, :]
+            logits = jnp.where(allowed, logits, -jnp.inf)
+        unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        p = unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)
+        c = p - target[:, :, :, start:end, :keys].transpose(2, 0, 1, 3, 4)
+        term = term + 0.5 * jnp.sum(c * c) / b
+        probs.append(p.reshape(b, g, rep * rows, keys))
+        cs.append(c.reshape(b, g, rep * rows, keys))
+    return term, (x, xq, q, k, tuple(probs), tuple(cs))
 
 
 def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
     """Cotangents of ``(wq, wk, x)`` (masked kernels and input) for the term's cotangent ``ct``."""
-    x, xq, q, k, probs, c = res
+    x, xq, q, k, probs, cs = res
     h, g = shape.n_heads, shape.n_kv_heads
     rep = h // g
     b, n, d = x.shape
@@ -109,11 +127,18 @@ def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
     dh = q.shape[-1]
     rope_q, rope_k = _rope_tables(shape, n, dh, x.dtype, query_idx)
 
-    pc = probs * c
     scale = ct / (b * jnp.sqrt(jnp.asarray(dh, x.dtype)))
-    dlogits = (pc - jnp.sum(pc, axis=-1, keepdims=True) * probs) * scale
-    dq = jnp.einsum("bgmn,bgnc->bgmc", dlogits, k).reshape(b, g, rep, r, dh)
-    dk = jnp.einsum("bgmn,bgmc->bgnc", dlogits, q)  # sums over the group's query heads
+    dqs, dk = [], jnp.zeros_like(k)
+    for (start, end, keys), p, c in zip(_spans(shape, r, n), probs, cs, strict=True):
+        pc = p * c
+        dlogits = (pc - jnp.sum(pc, axis=-1, keepdims=True) * p) * scale
+        qb = q[:, :, :, start:end].reshape(b, g, rep * (end - start), dh)
+        dq = jnp.einsum("bgmn,bgnc->bgmc", dlogits, k[:, :, :keys])
+        dqs.append(dq.reshape(b, g, rep, end - start, dh))
+        # Sums over the group's query heads inside the contraction.
+        dkb = jnp.einsum("bgmn,bgmc->bgnc", dlogits, qb)
+        dk = dk + (dkb if keys == n else jnp.pad(dkb, ((0, 0), (0, 0), (0, n - keys), (0, 0))))
+    dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
     dq = _rotate(dq, rope_q, inverse=True).transpose(0, 3, 1, 2, 4).reshape(b * r, h * dh)
     dk = _rotate(dk, rope_k, inverse=True).transpose(0, 2, 1, 3).reshape(b * n, g * dh)
     xq2, x2 = xq.reshape(b * r, d), x.reshape(b * n, d)
@@ -126,10 +151,22 @@ def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
     return dwq, dwk, dx
 
 
-def _check_target(target, shape: _Shape, x, r):
-    want = (shape.n_heads, x.shape[0], r, x.shape[1])
+def _settings(x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rope_scaling, blocks):
+    """The static settings, after checking ``target``'s shape and choosing the row blocks."""
+    b, n, _ = x.shape
+    r = n if query_idx is None else query_idx.shape[0]
+    want = (n_heads, b, r, n)
     if target.shape != want:
         raise ValueError(f"target has shape {target.shape}, expected (h, b, r, n) = {want}.")
+    if not causal or query_idx is not None:
+        blocks = 1  # no causal structure to skip (or the rows' positions are not static)
+    elif blocks is None:
+        # At least 64 rows a block, at most 8 blocks: enough to skip most of the upper
+        # triangle while every block's matmuls stay large.
+        blocks = max([k for k in (1, 2, 4, 8) if n % k == 0 and n // k >= 64] or [1])
+    elif blocks < 1 or n % blocks:
+        raise ValueError(f"causal_blocks={blocks} must be a positive divisor of n={n}.")
+    return _Shape(n_heads, n_kv_heads, rope_theta, causal, rope_scaling, blocks)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -164,6 +201,7 @@ def qk_attention_term(
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
     rope_scaling: Llama3RopeScaling | None = None,
+    causal_blocks: int | None = None,
 ) -> Float[Array, ""]:
     """``1/2 sum_h mean_b ||P_h - target_h||_F^2`` for the (masked) kernels ``wq``, ``wk``, with
     the closed-form backward pass (``jax.custom_vjp``) for ``wq``, ``wk`` and ``x``.
@@ -179,13 +217,18 @@ def qk_attention_term(
       target: the dense probabilities ``(h, b, r, n)``.
       n_heads, n_kv_heads, rope_theta, causal, query_idx, rope_scaling: as in
         :func:`jaxprune.objective.qk_layer_probs`.
+      causal_blocks: with ``causal`` and all query rows, split the rows into this many blocks
+        and skip each block's keys past its last row (zero probabilities; ``target`` must be
+        causal too, as dense probabilities are). ``None``: blocks of at least 64 rows, at most
+        8 blocks; ``1``: no skipping. Ignored with ``query_idx`` or without ``causal``.
 
     Returns:
       The scalar term.
     """
     x = _batched(x)
-    shape = _Shape(n_heads, n_kv_heads, rope_theta, causal, rope_scaling)
-    _check_target(target, shape, x, x.shape[1] if query_idx is None else query_idx.shape[0])
+    shape = _settings(
+        x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rope_scaling, causal_blocks
+    )
     return _term(shape, wq, wk, x, target, query_idx)
 
 
@@ -201,6 +244,7 @@ def qk_attention_term_and_grad(
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
     rope_scaling: Llama3RopeScaling | None = None,
+    causal_blocks: int | None = None,
 ) -> tuple[Float[Array, ""], tuple[Float[Array, "d hdh"], Float[Array, "d gdh"]]]:
     """The term of :func:`qk_attention_term` and its gradient with respect to ``wq`` and ``wk``,
     computed in one pass with no autodiff. Same arguments.
@@ -209,8 +253,9 @@ def qk_attention_term_and_grad(
       ``(term, (d term / d wq, d term / d wk))``.
     """
     x = _batched(x)
-    shape = _Shape(n_heads, n_kv_heads, rope_theta, causal, rope_scaling)
-    _check_target(target, shape, x, x.shape[1] if query_idx is None else query_idx.shape[0])
+    shape = _settings(
+        x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rope_scaling, causal_blocks
+    )
     term, res = _forward(shape, wq, wk, x, target, query_idx)
     dwq, dwk, _ = _backward(shape, wq, wk, res, query_idx, jnp.ones((), x.dtype))
     return term, (dwq, dwk)
@@ -231,10 +276,11 @@ def qk_pruning_loss_vjp(
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
     rope_scaling: Llama3RopeScaling | None = None,
+    causal_blocks: int | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """:func:`jaxprune.objective.qk_pruning_loss` (probability form) with the attention term's
     backward pass written by hand (:func:`qk_attention_term`); same arguments, value and gradient
-    (tested), no ``values`` (output form)."""
+    (tested), no ``values`` (output form); ``causal_blocks`` as in :func:`qk_attention_term`."""
     kw = dict(
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
@@ -246,7 +292,8 @@ def qk_pruning_loss_vjp(
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     target = jax.lax.stop_gradient(target)
-    attn = qk_attention_term(masks["q"] * weights["q"], masks["k"] * weights["k"], x, target, **kw)
+    wq, wk = masks["q"] * weights["q"], masks["k"] * weights["k"]
+    attn = qk_attention_term(wq, wk, x, target, causal_blocks=causal_blocks, **kw)
     attn = attn / attn_scale
     reg = mask_regulariser(masks, lam, reg_scale)
     return attn + reg, {"attention": attn, "reg": reg}
@@ -266,7 +313,7 @@ def qk_pruning_value_and_grad(
     """``(loss, d loss / d masks)`` of :func:`jaxprune.objective.qk_pruning_loss` (probability
     form, given ``target``) in one fused pass, no autodiff: what a solver's ``grad_fn`` could call.
     ``kw``: ``n_heads``, ``n_kv_heads``, ``rope_theta``, ``causal``, ``query_idx``,
-    ``rope_scaling``."""
+    ``rope_scaling``, ``causal_blocks`` (:func:`qk_attention_term`)."""
     wq, wk = weights["q"], weights["k"]
     term, (dwq, dwk) = qk_attention_term_and_grad(masks["q"] * wq, masks["k"] * wk, x, target, **kw)
     reg = mask_regulariser(masks, lam, reg_scale)

@@ -65,6 +65,28 @@ def test_value_and_mask_grad_match_autodiff(query_rows, causal):
     assert_close(fused, ref)
 
 
+@pytest.mark.parametrize("blocks", [2, 3, 12])
+def test_causal_row_blocks_match_autodiff(blocks):
+    # Row blocks skip the keys past each block's last row: same value and gradients.
+    m, w, x = problem(4)
+    kw = settings(None)
+    kw.update(lam=0.3, target=qk_layer_probs(w["q"], w["k"], x, **kw), attn_scale=1.7)
+    ref = jax.jit(jax.value_and_grad(loss_of(qk_pruning_loss, **kw), (0, 1, 2)))(m, w, x)
+    kw["causal_blocks"] = blocks
+    custom = jax.jit(jax.value_and_grad(loss_of(qk_pruning_loss_vjp, **kw), (0, 1, 2)))(m, w, x)
+    fused = jax.jit(lambda m, w, x: qk_pruning_value_and_grad(m, w, x, **kw))(m, w, x)
+    assert_close(custom, ref)
+    assert_close(fused, (ref[0], ref[1][0]))
+
+
+def test_causal_blocks_must_divide_the_rows():
+    m, w, x = problem()
+    kw = settings(None)
+    target = qk_layer_probs(w["q"], w["k"], x, **kw)
+    with pytest.raises(ValueError, match="causal_blocks=5 must be a positive divisor of n=12"):
+        qk_pruning_loss_vjp(m, w, x, lam=0.0, target=target, causal_blocks=5, **kw)
+
+
 def test_weight_and_input_grads_match_autodiff():
     # The weight update differentiates with respect to the weights; the VJP gives x's too.
     m, w, x = problem(1)
