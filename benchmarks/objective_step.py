@@ -1,13 +1,19 @@
 """One loss-and-gradient step of the factored objective at a realistic size, against a big matmul.
 
-Times the step three ways, side by side: ``autodiff`` (``jax.value_and_grad`` of
-:func:`jaxprune.objective.qk_pruning_loss`, what the solver runs), ``custom_vjp`` (the same with the
-attention term's hand-written backward pass, :func:`jaxprune.objective_vjp.qk_pruning_loss_vjp`)
-and ``fused`` (value and mask gradient in one pass with no autodiff,
-:func:`jaxprune.objective_vjp.qk_pruning_value_and_grad`). For each it prints the step time, its
-achieved FLOP/s (FLOPs from XLA's cost analysis of the compiled step, and from a hand count that
-is the same for all three) and the ratio to the FLOP/s of a large ``jnp.dot`` measured in the same
-run. Timings interleave all workloads so a noisy shared machine affects them alike.
+Times the step five ways, side by side: ``autodiff`` (``jax.value_and_grad`` of
+:func:`jaxprune.objective.qk_pruning_loss`, what the solver runs); ``custom_vjp`` (the same with
+the attention term's hand-written backward pass, :func:`jaxprune.objective_vjp.qk_pruning_loss_vjp`,
+every query row against every key); ``autodiff_blocks`` (autodiff of the custom path's forward:
+heads grouped by key/value head, and causal row blocks that skip the keys past each block's last
+row); ``custom_vjp_blocks`` (the hand-written backward pass with the row blocks, the default);
+``fused_blocks`` (value and mask gradient in one pass with no autodiff,
+:func:`jaxprune.objective_vjp.qk_pruning_value_and_grad`, with the row blocks).
+
+For each it prints the step's wall-clock and CPU time and its FLOP/s over those of a large
+``jnp.dot`` measured in the same run, with two FLOP counts: XLA's cost analysis of the compiled
+step (the work it does: lower with the row blocks, which skip about half of the attention
+matmuls) and a hand count of the dense step (the same for all variants, so its ratio compares
+step times). Timings interleave all workloads so a noisy shared machine affects them alike.
 
     python benchmarks/objective_step.py [--n 2048 --d 576 --heads 9 --kv-heads 3 --head-dim 64]
 """
@@ -21,10 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.objective import qk_layer_probs, qk_pruning_loss
-from jaxprune.objective_vjp import qk_pruning_loss_vjp, qk_pruning_value_and_grad
+from jaxprune.objective import mask_regulariser, qk_layer_probs, qk_pruning_loss
+from jaxprune.objective_vjp import (
+    qk_attention_term_and_grad,
+    qk_pruning_loss_vjp,
+    qk_pruning_value_and_grad,
+)
 
-VARIANTS = ("autodiff", "custom_vjp", "fused")
+VARIANTS = ("autodiff", "custom_vjp", "autodiff_blocks", "custom_vjp_blocks", "fused_blocks")
 
 
 def timed(fn, *args):
@@ -43,9 +53,20 @@ def steps(kw):
             lambda m, w, x, t: qk_pruning_loss(m, w, x, target=t, **loss)[0]
         ),
         "custom_vjp": jax.value_and_grad(
+            lambda m, w, x, t: qk_pruning_loss_vjp(m, w, x, target=t, causal_blocks=1, **loss)[0]
+        ),
+        # Autodiff through the custom path's forward (grouped heads, row blocks): its hand-written
+        # gradient is unused and dropped by XLA, so this separates layout from backward pass.
+        "autodiff_blocks": jax.value_and_grad(
+            lambda m, w, x, t: (
+                qk_attention_term_and_grad(m["q"] * w["q"], m["k"] * w["k"], x, t, **kw)[0]
+                + mask_regulariser(m, loss["lam"])
+            )
+        ),
+        "custom_vjp_blocks": jax.value_and_grad(
             lambda m, w, x, t: qk_pruning_loss_vjp(m, w, x, target=t, **loss)[0]
         ),
-        "fused": lambda m, w, x, t: qk_pruning_value_and_grad(m, w, x, target=t, **loss),
+        "fused_blocks": lambda m, w, x, t: qk_pruning_value_and_grad(m, w, x, target=t, **loss),
     }
 
 
@@ -123,13 +144,13 @@ def main() -> None:
             for u, v in zip(jax.tree.leaves(outs[name][1]), jax.tree.leaves(ref[1]), strict=True)
         )
         print(
-            f"  {name:10s} step {t * 1e3:7.1f} ms (median of {a.repeats}, "
+            f"  {name:17s} step {t * 1e3:7.1f} ms (median of {a.repeats}, "
             f"min {min(wall[name]) * 1e3:.1f}), CPU time {c * 1e3:.1f} ms; "
             f"XLA count {xla_flops[name] / 1e9:.2f} GFLOP; "
             f"grad max rel. diff to {names[0]} {gap:.1e}"
         )
         print(
-            f"  {'':10s} ratio step/dot FLOP/s: wall {xla_flops[name] / t / dot_flops:.3f} "
+            f"  {'':17s} ratio step/dot FLOP/s: wall {xla_flops[name] / t / dot_flops:.3f} "
             f"(XLA count), {hand_flops / t / dot_flops:.3f} (hand count); CPU time "
             f"{xla_flops[name] / c * c_dot / (2 * m**3):.3f} (XLA count), "
             f"{hand_flops / c * c_dot / (2 * m**3):.3f} (hand count)"
