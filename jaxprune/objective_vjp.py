@@ -15,8 +15,13 @@ afterwards). The probabilities keep the public ``(h, b, r, n)`` layout of
 :func:`jaxprune.objective.qk_layer_probs` only where they meet ``target``.
 
 Two entry points share the code: :func:`qk_attention_term_and_grad` is plain JAX with no autodiff
-(it can be differentiated again, e.g. by ``jax.jvp`` for a Hessian-vector product), and
-:func:`qk_attention_term` is a ``jax.custom_vjp`` function that ``jax.grad`` uses as written.
+(value and gradient in one pass), and :func:`qk_attention_term` is a ``jax.custom_vjp`` function
+that ``jax.grad`` uses as written. Both support ``jax.jvp`` of the gradient (forward over
+reverse, for a Hessian-vector product).
+
+With the causal mask and all query rows, the query rows are split into blocks and each block
+meets only the keys up to its last row (``causal_blocks``), which skips about half of the
+attention matmuls and elementwise passes.
 """
 
 from __future__ import annotations
@@ -208,8 +213,8 @@ def qk_attention_term(
 
     The value and its gradients equal those of the attention term of
     :func:`jaxprune.objective.qk_pruning_loss` (before ``attn_scale``); ``target`` gets no
-    gradient (as there). Reverse mode only: ``jax.jvp`` of it raises (use
-    :func:`qk_attention_term_and_grad` for forward-over-reverse).
+    gradient (as there). ``jax.jvp`` of the term itself raises (a ``custom_vjp`` rule), while
+    ``jax.jvp`` of its ``jax.grad`` (the solver's Hessian-vector products) works (tested).
 
     Args:
       wq: query kernel ``(d, h*dh)``; wk: key kernel ``(d, g*dh)`` (already masked).

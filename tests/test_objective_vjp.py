@@ -1,5 +1,7 @@
 """The hand-written backward pass of the factored objective against autodiff of the reference."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,17 +105,23 @@ def test_without_target_and_unbatched_input():
     assert_close(jax.jit(jax.value_and_grad(loss_of(qk_pruning_loss_vjp, **kw)))(m, w, x[0]), ref)
 
 
-def test_fused_grad_has_autodiffs_hessian_vector_product():
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_hessian_vector_products_match_autodiff(blocks):
     # The solver's step size comes from jax.jvp of the gradient (forward over reverse).
     m, w, x = problem(3)
-    kw = settings(ROWS)
+    kw = settings(None)
     kw.update(lam=0.3, target=qk_layer_probs(w["q"], w["k"], x, **kw))
     v = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape), m)
     ref_grad = jax.grad(loss_of(qk_pruning_loss, **kw))
+    kw["causal_blocks"] = blocks
+    custom_grad = jax.grad(loss_of(qk_pruning_loss_vjp, **kw))
     fused_grad = lambda m, w, x: qk_pruning_value_and_grad(m, w, x, **kw)[1]  # noqa: E731
-    hvp = jax.jit(
-        lambda grad_fn: jax.jvp(lambda m: grad_fn(m, w, x), (m,), (v,))[1], static_argnums=0
-    )
+
+    @partial(jax.jit, static_argnums=0)
+    def hvp(grad_fn):
+        return jax.jvp(lambda m: grad_fn(m, w, x), (m,), (v,))[1]
+
+    assert_close(hvp(custom_grad), hvp(ref_grad))
     assert_close(hvp(fused_grad), hvp(ref_grad))
 
 
