@@ -20,6 +20,10 @@ Choices (the ``softmax`` section of :class:`jaxprune.prune_config.PruneConfig`):
   * optional weight update on the kept entries after rounding (``update``): SparseGPT's linear
     reconstruction, or ``softmax``: Adam on the kept q/k entries against the same attention term
     (:func:`reconstruct_qk_softmax`).
+
+The gradient of the probability-form term (the default) is the closed form written by hand
+(:mod:`jaxprune.objective_vjp`, equal to autodiff's to float rounding, tested), which skips the
+causal upper triangle; the output form and the row-blocked term use autodiff.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from jaxprune.objective import (
     qk_pruning_loss,
     relative_error,
 )
+from jaxprune.objective_vjp import qk_pruning_loss_vjp
 from jaxprune.solvers import solve_masks
 
 
@@ -75,18 +80,10 @@ def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_
         attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
         reg = mask_regulariser(m, lam, n_entries)
         return attn + reg, {"attention": attn, "reg": reg}
-    return qk_pruning_loss(
-        m,
-        w,
-        x,
-        lam=lam,
-        target=target,
-        attn_scale=scale,
-        reg_scale=n_entries,
-        query_idx=query_idx,
-        values=values,
-        **shape_kw,
-    )
+    kw = dict(lam=lam, target=target, attn_scale=scale, reg_scale=n_entries, query_idx=query_idx)
+    if values is None:
+        return qk_pruning_loss_vjp(m, w, x, **kw, **shape_kw)
+    return qk_pruning_loss(m, w, x, values=values, **kw, **shape_kw)
 
 
 @functools.cache
@@ -124,9 +121,10 @@ def _update_loss(query_idx, shape, row_block=None):
             )[0]
             attn = term / sc
             return attn, {"attention": attn, "reg": jnp.zeros_like(attn)}
-        return qk_pruning_loss(
-            kf, moved, xx, lam=0.0, target=t, attn_scale=sc, query_idx=idx, values=vals, **shape_kw
-        )
+        kw = dict(lam=0.0, target=t, attn_scale=sc, query_idx=idx, **shape_kw)
+        if vals is None:
+            return qk_pruning_loss_vjp(kf, moved, xx, **kw)
+        return qk_pruning_loss(kf, moved, xx, values=vals, **kw)
 
     return loss_fn
 
