@@ -12,8 +12,10 @@ row); ``custom_vjp_blocks`` (the hand-written backward pass with the row blocks,
 For each it prints the step's wall-clock and CPU time and its FLOP/s over those of a large
 ``jnp.dot`` measured in the same run, with two FLOP counts: XLA's cost analysis of the compiled
 step (the work it does: lower with the row blocks, which skip about half of the attention
-matmuls) and a hand count of the dense step (the same for all variants, so its ratio compares
-step times). Timings interleave all workloads so a noisy shared machine affects them alike.
+matmuls) and a hand count of the work the causal objective needs (projections and their kernel
+gradients, and the three score-sized matmuls over the causal half only; the same for all
+variants, so its ratio compares step times). Timings interleave all workloads so a noisy shared
+machine affects them alike.
 
     python benchmarks/objective_step.py [--n 2048 --d 576 --heads 9 --kv-heads 3 --head-dim 64]
 """
@@ -101,15 +103,20 @@ def main() -> None:
     # Data are arguments, not closed-over constants (XLA would constant-fold them).
     args = (masks, weights, x, target)
     compiled, xla_flops, outs = {}, {}, {}
+    variants = steps(kw)
     for name in names:
-        compiled[name] = jax.jit(steps(kw)[name]).lower(*args).compile()
+        compiled[name] = jax.jit(variants[name]).lower(*args).compile()
         cost = compiled[name].cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         xla_flops[name] = float(cost.get("flops", float("nan")))
         outs[name] = jax.block_until_ready(compiled[name](*args))
     n, d, h, g, dh, b = a.n, a.d, a.heads, a.kv_heads, a.head_dim, a.batch
-    fwd = 2 * b * n * d * dh * (h + g) + 2 * b * h * n * n * dh  # projections + logits
-    hand_flops = 3 * fwd  # forward + backward (about twice the forward's matmuls)
+    # What the causal objective needs: the q/k projections and their kernels' gradients (x is
+    # data: no gradient for it), and the logits with their dQ and dK products over the causal
+    # half of each score matrix only.
+    projections = 2 * b * n * d * dh * (h + g)
+    logits = 2 * b * h * n * n * dh / 2
+    hand_flops = 2 * projections + 3 * logits
 
     m = a.matmul
     big_a = jnp.asarray(rng.normal(size=(m, m)), jnp.float32)
