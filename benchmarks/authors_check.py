@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -165,9 +166,11 @@ def _prune_with_authors(model, repo: Path, method: str, cfg: dict, calib: np.nda
         n, m = (int(v) for v in cfg["pattern"].split(":"))
     loader = [(torch.tensor(w[None], dtype=torch.long), None) for w in calib]
     sys.path.insert(0, str(repo))
-    # Their data modules import `datasets` at the top; nothing of it is used here.
-    sys.modules.setdefault("datasets", types.ModuleType("datasets"))
-    sys.modules["datasets"].load_dataset = None
+    # Their data modules import `datasets` at the top; nothing of it is used here, so a stand-in
+    # serves where it is not installed.
+    if importlib.util.find_spec("datasets") is None:
+        stub = sys.modules.setdefault("datasets", types.ModuleType("datasets"))
+        stub.load_dataset = None
     with _patched(torch.cuda, synchronize=lambda *a, **k: None):
         if method == "wanda":
             import lib.prune as authors

@@ -80,10 +80,26 @@ def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_
         attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
         reg = mask_regulariser(m, lam, n_entries)
         return attn + reg, {"attention": attn, "reg": reg}
-    kw = dict(lam=lam, target=target, attn_scale=scale, reg_scale=n_entries, query_idx=query_idx)
+    return _layer_loss(
+        m,
+        w,
+        x,
+        values,
+        lam=lam,
+        target=target,
+        attn_scale=scale,
+        reg_scale=n_entries,
+        query_idx=query_idx,
+        **shape_kw,
+    )
+
+
+def _layer_loss(m, w, x, values, **kw):
+    """:func:`jaxprune.objective.qk_pruning_loss`, whose probability form (``values`` None) takes
+    its gradient from the hand-written backward pass (:mod:`jaxprune.objective_vjp`)."""
     if values is None:
-        return qk_pruning_loss_vjp(m, w, x, **kw, **shape_kw)
-    return qk_pruning_loss(m, w, x, values=values, **kw, **shape_kw)
+        return qk_pruning_loss_vjp(m, w, x, **kw)
+    return qk_pruning_loss(m, w, x, values=values, **kw)
 
 
 @functools.cache
@@ -121,10 +137,9 @@ def _update_loss(query_idx, shape, row_block=None):
             )[0]
             attn = term / sc
             return attn, {"attention": attn, "reg": jnp.zeros_like(attn)}
-        kw = dict(lam=0.0, target=t, attn_scale=sc, query_idx=idx, **shape_kw)
-        if vals is None:
-            return qk_pruning_loss_vjp(kf, moved, xx, **kw)
-        return qk_pruning_loss(kf, moved, xx, values=vals, **kw)
+        return _layer_loss(
+            kf, moved, xx, vals, lam=0.0, target=t, attn_scale=sc, query_idx=idx, **shape_kw
+        )
 
     return loss_fn
 
