@@ -7,7 +7,9 @@ every query row against every key); ``autodiff_blocks`` (autodiff of the custom 
 heads grouped by key/value head, and causal row blocks that skip the keys past each block's last
 row); ``custom_vjp_blocks`` (the hand-written backward pass with the row blocks, the default);
 ``fused_blocks`` (value and mask gradient in one pass with no autodiff,
-:func:`jaxprune.objective_vjp.qk_pruning_value_and_grad`, with the row blocks).
+:func:`jaxprune.objective_vjp.qk_pruning_value_and_grad`, with the row blocks). On request
+(``--variants``), ``custom_vjp_blocks_norope``: the default step with the rotary embedding left
+out, a diagnostic of what the rotations cost (a different function: its gradients differ).
 
 For each it prints the step's wall-clock and CPU time and its FLOP/s over those of a large
 ``jnp.dot`` measured in the same run, with two FLOP counts: XLA's cost analysis of the compiled
@@ -36,7 +38,14 @@ from jaxprune.objective_vjp import (
     qk_pruning_value_and_grad,
 )
 
-VARIANTS = ("autodiff", "custom_vjp", "autodiff_blocks", "custom_vjp_blocks", "fused_blocks")
+DEFAULT_VARIANTS = (
+    "autodiff",
+    "custom_vjp",
+    "autodiff_blocks",
+    "custom_vjp_blocks",
+    "fused_blocks",
+)
+VARIANTS = (*DEFAULT_VARIANTS, "custom_vjp_blocks_norope")
 
 
 def timed(fn, *args):
@@ -69,6 +78,11 @@ def steps(kw):
             lambda m, w, x, t: qk_pruning_loss_vjp(m, w, x, target=t, **loss)[0]
         ),
         "fused_blocks": lambda m, w, x, t: qk_pruning_value_and_grad(m, w, x, target=t, **loss),
+        "custom_vjp_blocks_norope": jax.value_and_grad(
+            lambda m, w, x, t: qk_pruning_loss_vjp(
+                m, w, x, target=t, **dict(loss, rope_theta=None)
+            )[0]
+        ),
     }
 
 
@@ -82,7 +96,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--matmul", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"subset of {VARIANTS}")
     a = p.parse_args()
     names = a.variants.split(",")
     if unknown := set(names) - set(VARIANTS):

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
 # Names of the projections that pruning may touch, in the order a layer applies them.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -370,9 +370,7 @@ class Llama(nnx.Module):
     def rope(self, t: int) -> tuple[Float[Array, "t dh"], Float[Array, "t dh"]]:
         """RoPE ``(cos, sin)`` tables ``(t, dh)`` for positions ``0..t-1``."""
         c = self.config
-        return rope_cos_sin(
-            jnp.arange(t), c.head_dim, c.rope_theta, dtype=jnp.float32, scaling=c.rope_scaling
-        )
+        return rope_tables(t, c.head_dim, c.rope_theta, dtype=jnp.float32, scaling=c.rope_scaling)
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """Final norm and output head: logits ``(b, t, vocab)``."""

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
 
 def _batched(x: jax.Array) -> jax.Array:
@@ -193,9 +193,7 @@ def qk_layer_probs(
     q_heads = _split_heads(wq, n_heads, head_dim)
     rope = None
     if rope_theta is not None:
-        rope = rope_cos_sin(
-            jnp.arange(x.shape[1]), head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling
-        )
+        rope = rope_tables(x.shape[1], head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling)
     keys = _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope)
     head_fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=query_idx)
     return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, keys)
@@ -337,9 +335,7 @@ def qk_attention_term_blocked(
     head_dim = weights["q"].shape[1] // n_heads
     rope = None
     if rope_theta is not None:
-        rope = rope_cos_sin(
-            jnp.arange(n), head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling
-        )
+        rope = rope_tables(n, head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling)
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope=rope)
     dense_w = weights if dense_weights is None else dense_weights
     keys = _layer_keys(masks["k"] * weights["k"], x, **kw)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxprune.objective import _batched, mask_regulariser, qk_layer_probs
-from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
 
 class _Shape(NamedTuple):
@@ -52,9 +52,7 @@ class _Shape(NamedTuple):
 def _rope_tables(shape: _Shape, n: int, head_dim: int, dtype, query_idx):
     if shape.rope_theta is None:
         return None, None
-    cos, sin = rope_cos_sin(
-        jnp.arange(n), head_dim, shape.rope_theta, dtype=dtype, scaling=shape.rope_scaling
-    )
+    cos, sin = rope_tables(n, head_dim, shape.rope_theta, dtype=dtype, scaling=shape.rope_scaling)
     rope_q = (cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])
     return rope_q, (cos, sin)
 

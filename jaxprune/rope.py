@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -142,6 +143,25 @@ def rope_cos_sin(
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rope_tables(
+    n: int,
+    head_dim: int,
+    theta: float,
+    dtype=jnp.float32,
+    scaling: Llama3RopeScaling | None = None,
+) -> tuple[Float[Array, "n dh"], Float[Array, "n dh"]]:
+    """:func:`rope_cos_sin` of positions ``0 .. n-1``, computed when the caller is traced.
+
+    Inside ``jit`` the tables are then constants of the compiled function. Computed in the graph,
+    XLA fuses the ``cos``/``sin`` into every elementwise consumer and evaluates them once per
+    element of the rotated queries and keys: that made RoPE 17% of the objective's
+    loss-and-gradient step (``benchmarks/objective_step.py``). Same values as
+    :func:`rope_cos_sin` (the same float32 operations, run eagerly).
+    """
+    with jax.ensure_compile_time_eval():
+        return rope_cos_sin(jnp.arange(n), head_dim, theta, dtype=dtype, scaling=scaling)
 
 
 def apply_rope(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from test_model import hf_logits, hf_model, small_config, state_numpy, tokens
 from jaxprune.loaders.params import model_from_tensors
 from jaxprune.model import LlamaConfig, make_forward, projection_kernels
 from jaxprune.objective import qk_layer_probs
-from jaxprune.rope import Llama3RopeScaling, rope_cos_sin, rope_inv_freq
+from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq, rope_tables
 from jaxprune.softmax_prune import attention_error
 
 THETA = 500.0
@@ -80,6 +81,22 @@ def test_cos_sin_match_transformers_rotary_embedding():
     # The comparison can tell scaled from plain RoPE.
     cos_plain, _ = rope_cos_sin(jnp.arange(n), HEAD_DIM, THETA)
     assert np.abs(np.asarray(cos_plain) - cos_ref[0].numpy()).max() > 0.1
+
+
+def test_tables_are_constants_of_a_jitted_function():
+    """Inside jit the tables are computed at trace time: the compiled function has no sin or cos
+    (XLA would otherwise evaluate them once per rotated element), with the same values."""
+
+    def rotate(x):
+        return apply_rope(x, *rope_tables(x.shape[-2], HEAD_DIM, THETA, scaling=SCALING))
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 40, HEAD_DIM)), jnp.float32)
+    hlo = jax.jit(rotate).lower(x).as_text()
+    assert "sine" not in hlo and "cosine" not in hlo
+    cos, sin = rope_cos_sin(jnp.arange(40), HEAD_DIM, THETA, scaling=SCALING)
+    np.testing.assert_allclose(jax.jit(rotate)(x), apply_rope(x, cos, sin), rtol=1e-6, atol=1e-6)
+    in_graph = jax.jit(lambda x: apply_rope(x, *rope_cos_sin(jnp.arange(40), HEAD_DIM, THETA)))
+    assert "cosine" in in_graph.lower(x).as_text()  # the check can see trig in the graph
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 1])
