@@ -157,8 +157,8 @@ def rope_tables(
     Inside ``jit`` the tables are then constants of the compiled function. Computed in the graph,
     XLA fuses the ``cos``/``sin`` into every elementwise consumer and evaluates them once per
     element of the rotated queries and keys: that made RoPE 17% of the objective's
-    loss-and-gradient step (``benchmarks/objective_step.py``). Same values as
-    :func:`rope_cos_sin` (the same float32 operations, run eagerly).
+    loss-and-gradient step (``benchmarks/objective_step.py``). The same float32 operations as
+    :func:`rope_cos_sin`, run eagerly: equal to the in-graph tables up to float32 rounding (tested).
     """
     with jax.ensure_compile_time_eval():
         return rope_cos_sin(jnp.arange(n), head_dim, theta, dtype=dtype, scaling=scaling)
