@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
+# The docs site, built strictly: a broken link, a missing page or an unresolved API reference fails.
+# (The variable silences Material's banner about MkDocs 2.0.)
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-.PHONY: demo table test test-fast lint format bench clean
+.PHONY: demo table test test-fast lint format bench docs clean
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxprune needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
@@ -29,24 +32,28 @@ table: $(RUNTIME)
 	$(VENV)/bin/jaxprune run experiments/configs/table.yaml
 
 test: $(DEV)
-	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks
+	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks docs
+	$(MKDOCS)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(DEV)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(DEV)
-	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks
-	$(VENV)/bin/ruff format --check jaxprune tests experiments benchmarks
+	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks docs
+	$(VENV)/bin/ruff format --check jaxprune tests experiments benchmarks docs
 
 format: $(DEV)
-	$(VENV)/bin/ruff format jaxprune tests experiments benchmarks
-	$(VENV)/bin/ruff check --fix jaxprune tests experiments benchmarks
+	$(VENV)/bin/ruff format jaxprune tests experiments benchmarks docs
+	$(VENV)/bin/ruff check --fix jaxprune tests experiments benchmarks docs
 
 bench: $(DEV)
 	$(PY) benchmarks/objective_step.py
 	$(PY) benchmarks/objective_memory.py
 	$(PY) benchmarks/eval_throughput.py --windows 2 --seq-len 2048 --batch-size 1 --repeats 2
 
+docs: $(DEV)
+	$(MKDOCS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -23,7 +23,7 @@ from flax import nnx
 
 
 def _tiny_model():
-    from jaxprune.model import Llama, LlamaConfig
+    from jaxprune.models.llama import Llama, LlamaConfig
 
     config = LlamaConfig(
         vocab_size=4096,
@@ -42,7 +42,7 @@ def _tiny_model():
 def _unblocked_nll():
     """The NLL with one full (t, t) softmax per head and full (t, vocab) logits: the forward
     before query blocking and head chunking, for a side-by-side comparison."""
-    from jaxprune import model as model_lib
+    from jaxprune.models import llama as model_lib
 
     def nll(graphdef, state, tokens):
         # Read at trace time, so this compiled function keeps the direct form.
@@ -58,7 +58,7 @@ def _unblocked_nll():
 
 def _time_ours(graphdef, state, batches, token_nll=None) -> tuple[float, float]:
     if token_nll is None:
-        from jaxprune.model import token_nll
+        from jaxprune.models.llama import token_nll
 
     start = time.perf_counter()
     total = 0.0

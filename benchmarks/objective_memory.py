@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import objective
+from jaxprune.models.spec import AttentionSpec
 
 D, H, G, DH = 576, 9, 3, 64
 
@@ -45,7 +46,7 @@ def main() -> None:
         "k": jnp.asarray(rng.normal(size=(D, G * DH)) * 0.05, jnp.float32),
     }
     m = {k: jnp.full_like(v, 0.9) for k, v in w.items()}
-    kw = dict(n_heads=H, n_kv_heads=G, rope_theta=1e5)
+    kw = dict(spec=AttentionSpec(H, G, DH, 1e5))
 
     def direct(m, w, x):
         return objective.qk_pruning_loss(m, w, x, lam=0.0, **kw)[0]

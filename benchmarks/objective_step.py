@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.models.spec import AttentionSpec
 from jaxprune.objective import mask_regulariser, qk_layer_probs, qk_pruning_loss
 from jaxprune.objective_vjp import (
     qk_attention_term_and_grad,
@@ -110,7 +111,7 @@ def main() -> None:
             rng.normal(size=(a.d, a.kv_heads * a.head_dim)) / np.sqrt(a.d), jnp.float32
         ),
     }
-    kw = dict(n_heads=a.heads, n_kv_heads=a.kv_heads, rope_theta=1e5)
+    kw = dict(spec=AttentionSpec(a.heads, a.kv_heads, a.head_dim, 1e5))
     target = jax.jit(lambda w, x: qk_layer_probs(w["q"], w["k"], x, **kw))(weights, x)
     masks = jax.tree.map(lambda w: 0.9 * jnp.ones_like(w), weights)
 

@@ -25,12 +25,14 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import data, layerwise
-from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.config import parse_overrides, replace
 from jaxprune.loaders.resolve import load_model
-from jaxprune.model import projection_kernels
-from jaxprune.pipeline import PruneConfig
-from jaxprune.softmax_prune import layer_errors, prune_qk_softmax
+from jaxprune.methods.registry import prune_matrix
+from jaxprune.methods.softmax_solve import prune_qk_softmax
+from jaxprune.methods.stats import init_stats, update_stats
+from jaxprune.models.llama import projection_kernels
+from jaxprune.objective import layer_errors
+from jaxprune.pipeline import PruneConfig, request_for
 
 
 def dense_inputs(model, tokens, layers):
@@ -57,12 +59,7 @@ def main() -> None:
 
     model, tokenizer = load_model("smollm2-135m")
     c = model.config
-    shape = dict(
-        n_heads=c.num_heads,
-        n_kv_heads=c.num_kv_heads,
-        rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling,
-    )
+    shape = dict(spec=c.attention_spec(0))  # every layer of a Llama attends alike
     cfg = replace(PruneConfig(), parse_overrides(a.set), method="softmax", progress=False)
     calib = data.calibration_windows(tokenizer, "standard", a.calib[0], a.calib[1])
     held = data.eval_windows(tokenizer, "c4", 2, seq_len=a.heldout_len)
@@ -103,7 +100,8 @@ def main() -> None:
                     qk,
                     x,
                     stats,
-                    replace(cfg, softmax={"steps": steps}),
+                    request_for(cfg),
+                    replace(cfg, softmax={"steps": steps}).softmax,
                     value_weights={k: kernels[k] for k in ("v", "o")},
                     progress=False,
                     **shape,

@@ -9,8 +9,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxprune.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder cannot be used for this solve (mismatch or corruption)."""
 
 

@@ -161,7 +161,16 @@ def leaf_fields(cls, prefix: str = ""):
         if _is_section(hints[f.name]):
             yield from leaf_fields(hints[f.name], f"{prefix}{f.name}.")
         else:
-            yield prefix + f.name, f, hints[f.name], cls
+            yield prefix + f.name, f, hints[f.name], declaring_class(cls, f.name)
+
+
+def declaring_class(cls, name: str) -> type:
+    """The class in ``cls``'s hierarchy that declares the field ``name`` (whose source holds
+    its comment): ``PruneConfig`` is built from ``RunConfig`` plus the methods' sections."""
+    for klass in cls.__mro__:
+        if name in inspect.get_annotations(klass):
+            return klass
+    return cls
 
 
 def nearest(name: str, candidates, cutoff: float = 0.6) -> str | None:

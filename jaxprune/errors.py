@@ -7,7 +7,8 @@ command line prints it as ``jaxprune <command>: error: <message>`` and exits wit
 other exception is a bug and keeps its traceback (as does every error under ``--debug``).
 
 The library's error classes stay where they are raised (``ConfigError`` in ``config``,
-``GGUFError`` in the GGUF loader, ...); this module only decides which of them are the user's.
+``GGUFError`` in the GGUF loader, ...) and derive from :class:`UserError`; this module imports
+nothing of the package, so every module can import it.
 """
 
 from __future__ import annotations
@@ -40,33 +41,13 @@ class ResumeError(UserError, ValueError):
     """A run folder cannot be resumed with these settings."""
 
 
-def _library_user_errors() -> tuple[type[BaseException], ...]:
-    # Imported when an error is being classified, so that importing this module stays cheap.
-    from jaxprune.checkpoints import CheckpointError
-    from jaxprune.config import ConfigError
-    from jaxprune.loaders.gguf import FetchError, GGUFError
-    from jaxprune.loaders.params import WeightLoadError
-    from jaxprune.solvers import SolveDivergedError
-
-    return (
-        ConfigError,
-        GGUFError,
-        FetchError,
-        WeightLoadError,
-        CheckpointError,
-        SolveDivergedError,
-    )
-
-
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is bad input (one line, exit 2) rather than a bug (traceback).
 
     ``OSError`` counts as the user's (a missing file, a full disk, no permission, no network);
     so does running out of accelerator memory, which the settings control.
     """
-    if isinstance(err, UserError | OSError) or is_out_of_memory(err):
-        return True
-    return isinstance(err, _library_user_errors())
+    return isinstance(err, UserError | OSError) or is_out_of_memory(err)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -25,8 +25,15 @@ from jaxprune import data, results, resume
 from jaxprune.config import to_dict, yaml_text
 from jaxprune.errors import ModelError, OutputError
 from jaxprune.loaders.resolve import load_model
+from jaxprune.methods import registry
 from jaxprune.perplexity import perplexity
-from jaxprune.pipeline import PruneConfig, calibration_chunks, check_model, prune_model
+from jaxprune.pipeline import (
+    PruneConfig,
+    calibration_chunks,
+    check_model,
+    prune_model,
+    request_for,
+)
 from jaxprune.prune_config import flat_settings
 
 
@@ -41,6 +48,13 @@ def command_for(cfg: PruneConfig) -> str:
             continue
         parts += [f"--{key.replace('_', '-')}", yaml_text(value)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def method_summary(cfg: PruneConfig) -> dict[str, Any]:
+    """The run's method's own run-level facts for ``metrics.json`` (such as ``softmax_mask``)."""
+    method = registry.get(cfg.method)
+    request = request_for(cfg)
+    return method.summary(request, request.options_of(method))
 
 
 def needed_data(cfg: PruneConfig) -> list[str]:
@@ -139,7 +153,7 @@ def save_outputs(run_dir: Path, model, masks: dict, cfg: PruneConfig) -> list[st
     if tree:
         ckpt.save((run_dir / "masks").absolute(), tree)
         written.append("masks/")
-    if cfg.save_params and cfg.method != "dense":
+    if cfg.save_params and registry.get(cfg.method).prunes:
         ckpt.save((run_dir / "params").absolute(), nnx.state(model, nnx.Param))
         written.append("params/")
     ckpt.wait_until_finished()
@@ -266,7 +280,7 @@ def run_job(
         device_count=jax.device_count(),
         calibration_tokens=int(sum(np.asarray(c).size for c in calib)),
         group=cfg.group_or_default,
-        softmax_mask=cfg.softmax_mask if cfg.method == "softmax" else None,
+        **method_summary(cfg),
         run_dir=str(run_dir),
         files=["metrics.json", resume.RUN_FILE, *files],
         warnings=warnings,

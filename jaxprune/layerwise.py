@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxprune.model import DecoderLayer, Llama
+from jaxprune.models.llama import DecoderLayer, Llama
 
 # Which captured activation feeds each prunable projection.
 INPUT_OF = {

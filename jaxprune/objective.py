@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
+from jaxprune.models.spec import AttentionSpec
+from jaxprune.rope import apply_rope, rope_tables
 
 
 def _batched(x: jax.Array) -> jax.Array:
@@ -107,6 +108,7 @@ def qk_head_probs(
     rope: tuple[Float[Array, "n dh"], Float[Array, "n dh"]] | None,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
+    query_scale: float | None = None,
 ) -> Float[Array, "b r n"]:
     """Attention probabilities of one query head.
 
@@ -117,6 +119,8 @@ def qk_head_probs(
       rope: ``(cos, sin)`` tables ``(n, dh)``, or ``None`` for no rotary embedding.
       causal: apply the causal mask.
       query_idx: optional subset of query rows (sorted positions); default all ``n``.
+      query_scale: multiplier of the scores (``AttentionSpec.query_scale``); ``None`` divides
+        them by ``sqrt(dh)``.
 
     Returns:
       Probabilities ``(b, r, n)`` with ``r = len(query_idx)`` or ``n``.
@@ -127,8 +131,23 @@ def qk_head_probs(
     if rope is not None:
         cos, sin = rope
         q = apply_rope(q, *((cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])))
-    logits = jnp.einsum("brh,bnh->brn", q, k) / jnp.sqrt(jnp.asarray(dh, q.dtype))
+    logits = scale_scores(jnp.einsum("brh,bnh->brn", q, k), dh, query_scale)
     return attention_probs(logits, causal=causal, query_positions=query_idx)
+
+
+def scale_scores(logits: jax.Array, head_dim: int, query_scale: float | None) -> jax.Array:
+    """The scores ``q . k`` times the query scale: divided by ``sqrt(head_dim)`` in their own
+    dtype (as the model does) when ``query_scale`` is ``None``, else multiplied by it."""
+    if query_scale is None:
+        return logits / jnp.sqrt(jnp.asarray(head_dim, logits.dtype))
+    return logits * jnp.asarray(query_scale, logits.dtype)
+
+
+def layer_rope(spec: AttentionSpec, n: int, dtype) -> tuple[jax.Array, jax.Array] | None:
+    """The ``(cos, sin)`` tables of positions ``0 .. n-1`` for ``spec`` (``None``: no RoPE)."""
+    if spec.rope_theta is None:
+        return None
+    return rope_tables(n, spec.head_dim, spec.rope_theta, dtype=dtype, scaling=spec.rope_scaling)
 
 
 def _split_heads(w: jax.Array, n: int, head_dim: int) -> jax.Array:
@@ -164,38 +183,34 @@ def qk_layer_probs(
     wk: Float[Array, "d gdh"],
     x: Float[Array, "*b n d"],
     *,
-    n_heads: int,
-    n_kv_heads: int,
-    rope_theta: float | None,
+    spec: AttentionSpec,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
-    rope_scaling: Llama3RopeScaling | None = None,
 ) -> Float[Array, "h b r n"]:
     """Attention probabilities of every query head of one layer (``vmap`` over heads).
 
     Args:
       wq: query projection ``(d, h*dh)``; wk: key projection ``(d, g*dh)``.
       x: attention input ``(n, d)`` or ``(b, n, d)``.
-      n_heads: ``h``; n_kv_heads: ``g`` (``h`` divisible by ``g``).
-      rope_theta: RoPE base, or ``None`` for no rotary embedding.
+      spec: the layer's attention (heads, head size, RoPE, query scale).
       causal: apply the causal mask.
       query_idx: optional subset of query rows.
-      rope_scaling: the model's Llama 3 RoPE frequency scaling (``LlamaConfig.rope_scaling``), or
-        ``None`` for plain RoPE; ignored when ``rope_theta`` is ``None``.
 
     Returns:
       ``(h, b, r, n)`` probabilities.
     """
-    if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}.")
     x = _batched(x)
-    head_dim = wq.shape[1] // n_heads
-    q_heads = _split_heads(wq, n_heads, head_dim)
-    rope = None
-    if rope_theta is not None:
-        rope = rope_tables(x.shape[1], head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling)
-    keys = _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope)
-    head_fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=query_idx)
+    q_heads = _split_heads(wq, spec.n_heads, spec.head_dim)
+    rope = layer_rope(spec, x.shape[1], x.dtype)
+    keys = _layer_keys(wk, x, spec.n_heads, spec.n_kv_heads, spec.head_dim, rope)
+    head_fn = partial(
+        qk_head_probs,
+        x=x,
+        rope=rope,
+        causal=causal,
+        query_idx=query_idx,
+        query_scale=spec.query_scale,
+    )
     return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, keys)
 
 
@@ -205,15 +220,12 @@ def qk_pruning_loss(
     x: Float[Array, "*b n d"],
     *,
     lam: float,
-    n_heads: int,
-    n_kv_heads: int,
-    rope_theta: float | None,
+    spec: AttentionSpec,
     causal: bool = True,
     target: Float[Array, "h b r n"] | None = None,
     attn_scale: float | jax.Array = 1.0,
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
-    rope_scaling: Llama3RopeScaling | None = None,
     values: tuple[Float[Array, "h b n dh"], Float[Array, "h dh d"]] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """Factored loss of one layer: ``sum_h 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``,
@@ -225,8 +237,7 @@ def qk_pruning_loss(
       weights: the dense projections, same keys and shapes (input-major: ``x @ w``).
       x: attention input of the layer ``(n, d)`` or ``(b, n, d)``; the term is the batch mean.
       lam: regulariser weight.
-      n_heads, n_kv_heads, rope_theta, causal, query_idx, rope_scaling: as in
-        :func:`qk_layer_probs`.
+      spec, causal, query_idx: as in :func:`qk_layer_probs`.
       target: the dense probabilities (computed from ``weights`` when ``None``); pass them in to
         avoid recomputing them every step.
       attn_scale: divides the attention term (e.g. its dense scale, so one ``lam`` fits all layers).
@@ -237,14 +248,7 @@ def qk_pruning_loss(
     Returns:
       ``(loss, {"attention": attention term, "reg": regulariser})``.
     """
-    kw = dict(
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        rope_theta=rope_theta,
-        causal=causal,
-        query_idx=query_idx,
-        rope_scaling=rope_scaling,
-    )
+    kw = dict(spec=spec, causal=causal, query_idx=query_idx)
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     probs = qk_layer_probs(masks["q"] * weights["q"], masks["k"] * weights["k"], x, **kw)
@@ -268,8 +272,7 @@ def head_values(
     wo: Float[Array, "hdh d"],
     x: Float[Array, "*b n d"],
     *,
-    n_heads: int,
-    n_kv_heads: int,
+    spec: AttentionSpec,
 ) -> tuple[Float[Array, "h b n dh"], Float[Array, "h dh d"]]:
     """The dense values of every query head (``x @ W_V``, shared within each key/value group) and
     the output projection split by head, for the output form of :func:`qk_pruning_loss`.
@@ -277,16 +280,15 @@ def head_values(
     Args:
       wv: value projection ``(d, g*dh)``; wo: output projection ``(h*dh, d)`` (input-major).
       x: attention input ``(n, d)`` or ``(b, n, d)``.
-      n_heads, n_kv_heads: ``h`` and ``g``.
+      spec: the layer's attention (its head counts and size).
 
     Returns:
       ``(V, O)``: ``(h, b, n, dh)`` values and ``(h, dh, d)`` output rows.
     """
     x = _batched(x)
-    head_dim = wo.shape[0] // n_heads
-    v = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wv, n_kv_heads, head_dim))
-    v = _per_query_head(v, n_heads, n_kv_heads)
-    return v, wo.reshape(n_heads, head_dim, wo.shape[1])
+    h, g, dh = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    v = _per_query_head(jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wv, g, dh)), h, g)
+    return v, wo.reshape(h, dh, wo.shape[1])
 
 
 def attention_output(
@@ -302,12 +304,9 @@ def qk_attention_term_blocked(
     weights: dict[str, Float[Array, "d _"]],
     x: Float[Array, "*b n d"],
     *,
-    n_heads: int,
-    n_kv_heads: int,
-    rope_theta: float | None,
+    spec: AttentionSpec,
     row_block: int,
     causal: bool = True,
-    rope_scaling: Llama3RopeScaling | None = None,
     dense_weights: dict[str, Float[Array, "d _"]] | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """The attention term ``1/2 sum_h mean_b ||P_h(M) - P_h||_F^2`` over blocks of query rows,
@@ -319,7 +318,7 @@ def qk_attention_term_blocked(
     Args:
       masks, weights: ``{"q": (d, h*dh), "k": (d, g*dh)}``.
       x: attention input ``(n, d)`` or ``(b, n, d)``; ``n`` must be a multiple of ``row_block``.
-      n_heads, n_kv_heads, rope_theta, causal, rope_scaling: as in :func:`qk_layer_probs`.
+      spec, causal: as in :func:`qk_layer_probs`.
       row_block: query rows per block.
       dense_weights: the kernels of the target probabilities ``P_h`` when they differ from
         ``weights`` (the weight update moves ``weights`` and keeps the dense target).
@@ -332,11 +331,9 @@ def qk_attention_term_blocked(
     b, n, _ = x.shape
     if row_block < 1 or n % row_block:
         raise ValueError(f"row_block={row_block} must divide the sequence length {n}.")
-    head_dim = weights["q"].shape[1] // n_heads
-    rope = None
-    if rope_theta is not None:
-        rope = rope_tables(n, head_dim, rope_theta, dtype=x.dtype, scaling=rope_scaling)
-    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope=rope)
+    n_heads, head_dim = spec.n_heads, spec.head_dim
+    rope = layer_rope(spec, n, x.dtype)
+    kw = dict(n_heads=n_heads, n_kv_heads=spec.n_kv_heads, head_dim=head_dim, rope=rope)
     dense_w = weights if dense_weights is None else dense_weights
     keys = _layer_keys(masks["k"] * weights["k"], x, **kw)
     dense_keys = jax.lax.stop_gradient(_layer_keys(dense_w["k"], x, **kw))
@@ -346,7 +343,14 @@ def qk_attention_term_blocked(
     @jax.checkpoint
     def block(carry, start):
         idx = start + jnp.arange(row_block)
-        fn = partial(qk_head_probs, x=x, rope=rope, causal=causal, query_idx=idx)
+        fn = partial(
+            qk_head_probs,
+            x=x,
+            rope=rope,
+            causal=causal,
+            query_idx=idx,
+            query_scale=spec.query_scale,
+        )
         probs = jax.vmap(fn)(q_heads, keys)
         dense = jax.lax.stop_gradient(jax.vmap(fn)(dense_q, dense_keys))
         diff = probs - dense
@@ -373,3 +377,39 @@ def relative_error(new: jax.Array, ref: jax.Array) -> jax.Array:
     averaged over the leading axes (heads, sequences)."""
     num = jnp.sqrt(jnp.sum((new - ref) ** 2, axis=(-2, -1)))
     return jnp.mean(num / jnp.sqrt(jnp.sum(ref * ref, axis=(-2, -1))))
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def attention_error(wq, wk, wq_new, wk_new, x, *, spec: AttentionSpec):
+    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences (``spec``: the layer's
+    attention, as in :func:`jaxprune.objective.qk_layer_probs`)."""
+    kw = dict(spec=spec)
+    return relative_error(qk_layer_probs(wq_new, wk_new, x, **kw), qk_layer_probs(wq, wk, x, **kw))
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def layer_errors(dense, new, x, *, spec: AttentionSpec):
+    """The relative attention error ``||P(new) - P||_F / ||P||_F`` (averaged over heads and
+    sequences, as :func:`attention_error`) and output error ``||O(new) - O||_F / ||O||_F`` of the
+    attention block's output ``O = sum_h P_h V_h O_h`` (before the residual, averaged over
+    sequences), each layer's probabilities computed once for both.
+
+    Args:
+      dense, new: ``{"q", "k", "v", "o"}`` kernels (input-major) before and after pruning.
+      x: attention input ``(b, n, d)``.
+      spec: the layer's attention.
+
+    Returns:
+      ``(attention error, output error)``.
+    """
+    probs = {
+        k: qk_layer_probs(w["q"], w["k"], x, spec=spec) for k, w in (("dense", dense), ("new", new))
+    }
+    outs = {
+        k: attention_output(probs[k], *head_values(w["v"], w["o"], x, spec=spec))
+        for k, w in (("dense", dense), ("new", new))
+    }
+    return (
+        relative_error(probs["new"], probs["dense"]),
+        relative_error(outs["new"], outs["dense"]),
+    )

@@ -3,9 +3,10 @@ backward pass (the closed-form gradient), as an alternative to autodiff.
 
 For one query head with probabilities ``P`` and target ``T`` the term is ``1/2 ||P - T||_F^2``;
 with ``c = P - T`` its pullback through the row-wise softmax is ``p = P∘c - rowsum(P∘c) P``, so the
-logits' cotangent is ``p / sqrt(dh)``, the rotated queries' ``p K_rot`` and the rotated keys'
-``p^T Q_rot``. RoPE is an orthogonal rotation per position, so its transpose is the rotation by
-the opposite angle (:func:`jaxprune.rope.apply_rope` with ``-sin``). The projection kernels'
+logits' cotangent is ``p`` times the scores' scale (``1 / sqrt(dh)`` by default), the rotated
+queries' ``p K_rot`` and the rotated keys' ``p^T Q_rot``. RoPE is an orthogonal rotation per
+position, so its transpose is the rotation by the opposite angle (:func:`jaxprune.rope.apply_rope`
+with ``-sin``). The projection kernels'
 cotangents are then ``x^T dQ`` and ``x^T dK``, one matmul each over all heads.
 
 Layout: queries are grouped by key/value head, ``(b, g, rep*r, dh)``, so each group is one larger
@@ -33,26 +34,31 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxprune.objective import _batched, mask_regulariser, qk_layer_probs
-from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
+from jaxprune.models.spec import AttentionSpec
+from jaxprune.objective import (
+    _batched,
+    layer_rope,
+    mask_regulariser,
+    qk_layer_probs,
+    scale_scores,
+)
+from jaxprune.rope import apply_rope
 
 
 class _Shape(NamedTuple):
     """Static settings of the term (hashable: the ``custom_vjp``'s non-differentiable argument)."""
 
-    n_heads: int
-    n_kv_heads: int
-    rope_theta: float | None
+    spec: AttentionSpec
     causal: bool
-    rope_scaling: Llama3RopeScaling | None
     # Causal row blocks: block i of the n/blocks query rows meets only keys 0 .. its last row.
     blocks: int
 
 
-def _rope_tables(shape: _Shape, n: int, head_dim: int, dtype, query_idx):
-    if shape.rope_theta is None:
+def _rope_tables(shape: _Shape, n: int, dtype, query_idx):
+    rope = layer_rope(shape.spec, n, dtype)
+    if rope is None:
         return None, None
-    cos, sin = rope_tables(n, head_dim, shape.rope_theta, dtype=dtype, scaling=shape.rope_scaling)
+    cos, sin = rope
     rope_q = (cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])
     return rope_q, (cos, sin)
 
@@ -78,12 +84,9 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
     """Everything the value and the backward pass need: ``(term, (x, xq, q, k, probs, c))`` with
     ``q: (b, g, rep, r, dh)`` and ``k: (b, g, n, dh)`` rotated, and per row block its
     probabilities and ``c = probs - target`` in the grouped layout ``(b, g, rep*rows, keys)``."""
-    h, g = shape.n_heads, shape.n_kv_heads
-    if h % g:
-        raise ValueError(f"n_heads={h} is not a multiple of n_kv_heads={g}.")
+    h, g, dh = shape.spec.n_heads, shape.spec.n_kv_heads, shape.spec.head_dim
     rep = h // g
     b, n, _ = x.shape
-    dh = wq.shape[1] // h
     if wq.shape[1] != h * dh or wk.shape[1] != g * dh:
         raise ValueError(
             f"projections have {wq.shape[1]} and {wk.shape[1]} outputs, expected {h} and {g} heads "
@@ -91,7 +94,7 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
         )
     xq = x if query_idx is None else x[:, query_idx]
     r = xq.shape[1]
-    rope_q, rope_k = _rope_tables(shape, n, dh, x.dtype, query_idx)
+    rope_q, rope_k = _rope_tables(shape, n, x.dtype, query_idx)
 
     # (b, r, h*dh) -> (b, g, rep, r, dh): one matmul for all heads, then the head axes lead.
     q = jnp.einsum("brd,de->bre", xq, wq).reshape(b, r, g, rep, dh).transpose(0, 2, 3, 1, 4)
@@ -107,7 +110,8 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
         rows = end - start
         qb = q[:, :, :, start:end].reshape(b, g, rep * rows, dh)
         logits = jnp.einsum("bgmc,bgnc->bgmn", qb, k[:, :, :keys])
-        logits = (logits / jnp.sqrt(jnp.asarray(dh, x.dtype))).reshape(b, g, rep, rows, keys)
+        logits = scale_scores(logits, dh, shape.spec.query_scale)
+        logits = logits.reshape(b, g, rep, rows, keys)
         if shape.causal:
             allowed = pos[start:end, None] >= jnp.arange(keys)[None, :]
             logits = jnp.where(allowed, logits, -jnp.inf)
@@ -123,14 +127,16 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
 def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
     """Cotangents of ``(wq, wk, x)`` (masked kernels and input) for the term's cotangent ``ct``."""
     x, xq, q, k, probs, cs = res
-    h, g = shape.n_heads, shape.n_kv_heads
+    h, g = shape.spec.n_heads, shape.spec.n_kv_heads
     rep = h // g
     b, n, d = x.shape
     r = xq.shape[1]
     dh = q.shape[-1]
-    rope_q, rope_k = _rope_tables(shape, n, dh, x.dtype, query_idx)
+    rope_q, rope_k = _rope_tables(shape, n, x.dtype, query_idx)
 
-    scale = ct / (b * jnp.sqrt(jnp.asarray(dh, x.dtype)))
+    # The logits' cotangent carries the scores' scale (and the term's mean over b).
+    qs = shape.spec.query_scale
+    scale = ct / (b * jnp.sqrt(jnp.asarray(dh, x.dtype))) if qs is None else ct * qs / b
     dqs, dk = [], jnp.zeros_like(k)
     for (start, end, keys), p, c in zip(_spans(shape, r, n), probs, cs, strict=True):
         pc = p * c
@@ -154,11 +160,11 @@ def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
     return dwq, dwk, dx
 
 
-def _settings(x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rope_scaling, blocks):
+def _settings(x, target, query_idx, spec, causal, blocks):
     """The static settings, after checking ``target``'s shape and choosing the row blocks."""
     b, n, _ = x.shape
     r = n if query_idx is None else query_idx.shape[0]
-    want = (n_heads, b, r, n)
+    want = (spec.n_heads, b, r, n)
     if target.shape != want:
         raise ValueError(f"target has shape {target.shape}, expected (h, b, r, n) = {want}.")
     if not causal or query_idx is not None:
@@ -169,7 +175,7 @@ def _settings(x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rop
         blocks = max([k for k in (1, 2, 4, 8) if n % k == 0 and n // k >= 64] or [1])
     elif blocks < 1 or n % blocks:
         raise ValueError(f"causal_blocks={blocks} must be a positive divisor of n={n}.")
-    return _Shape(n_heads, n_kv_heads, rope_theta, causal, rope_scaling, blocks)
+    return _Shape(spec, causal, blocks)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -198,12 +204,9 @@ def qk_attention_term(
     x: Float[Array, "*b n d"],
     target: Float[Array, "h b r n"],
     *,
-    n_heads: int,
-    n_kv_heads: int,
-    rope_theta: float | None,
+    spec: AttentionSpec,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
-    rope_scaling: Llama3RopeScaling | None = None,
     causal_blocks: int | None = None,
 ) -> Float[Array, ""]:
     """``1/2 sum_h mean_b ||P_h - target_h||_F^2`` for the (masked) kernels ``wq``, ``wk``, with
@@ -218,8 +221,7 @@ def qk_attention_term(
       wq: query kernel ``(d, h*dh)``; wk: key kernel ``(d, g*dh)`` (already masked).
       x: attention input ``(n, d)`` or ``(b, n, d)``.
       target: the dense probabilities ``(h, b, r, n)``.
-      n_heads, n_kv_heads, rope_theta, causal, query_idx, rope_scaling: as in
-        :func:`jaxprune.objective.qk_layer_probs`.
+      spec, causal, query_idx: as in :func:`jaxprune.objective.qk_layer_probs`.
       causal_blocks: with ``causal`` and all query rows, split the rows into this many blocks
         and skip each block's keys past its last row (zero probabilities; ``target`` must be
         causal too, as dense probabilities are). ``None``: blocks of at least 64 rows, at most
@@ -229,9 +231,7 @@ def qk_attention_term(
       The scalar term.
     """
     x = _batched(x)
-    shape = _settings(
-        x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rope_scaling, causal_blocks
-    )
+    shape = _settings(x, target, query_idx, spec, causal, causal_blocks)
     return _term(shape, wq, wk, x, target, query_idx)
 
 
@@ -241,12 +241,9 @@ def qk_attention_term_and_grad(
     x: Float[Array, "*b n d"],
     target: Float[Array, "h b r n"],
     *,
-    n_heads: int,
-    n_kv_heads: int,
-    rope_theta: float | None,
+    spec: AttentionSpec,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
-    rope_scaling: Llama3RopeScaling | None = None,
     causal_blocks: int | None = None,
 ) -> tuple[Float[Array, ""], tuple[Float[Array, "d hdh"], Float[Array, "d gdh"]]]:
     """The term of :func:`qk_attention_term` and its gradient with respect to ``wq`` and ``wk``,
@@ -256,9 +253,7 @@ def qk_attention_term_and_grad(
       ``(term, (d term / d wq, d term / d wk))``.
     """
     x = _batched(x)
-    shape = _settings(
-        x, target, query_idx, n_heads, n_kv_heads, rope_theta, causal, rope_scaling, causal_blocks
-    )
+    shape = _settings(x, target, query_idx, spec, causal, causal_blocks)
     term, res = _forward(shape, wq, wk, x, target, query_idx)
     dwq, dwk, _ = _backward(shape, wq, wk, res, query_idx, jnp.ones((), x.dtype))
     return term, (dwq, dwk)
@@ -270,28 +265,18 @@ def qk_pruning_loss_vjp(
     x: Float[Array, "*b n d"],
     *,
     lam: float,
-    n_heads: int,
-    n_kv_heads: int,
-    rope_theta: float | None,
+    spec: AttentionSpec,
     causal: bool = True,
     target: Float[Array, "h b r n"] | None = None,
     attn_scale: float | jax.Array = 1.0,
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
-    rope_scaling: Llama3RopeScaling | None = None,
     causal_blocks: int | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """:func:`jaxprune.objective.qk_pruning_loss` (probability form) with the attention term's
     backward pass written by hand (:func:`qk_attention_term`); same arguments, value and gradient
     (tested), no ``values`` (output form); ``causal_blocks`` as in :func:`qk_attention_term`."""
-    kw = dict(
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        rope_theta=rope_theta,
-        causal=causal,
-        query_idx=query_idx,
-        rope_scaling=rope_scaling,
-    )
+    kw = dict(spec=spec, causal=causal, query_idx=query_idx)
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     target = jax.lax.stop_gradient(target)
@@ -315,8 +300,7 @@ def qk_pruning_value_and_grad(
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """``(loss, d loss / d masks)`` of :func:`jaxprune.objective.qk_pruning_loss` (probability
     form, given ``target``) in one fused pass, no autodiff: what a solver's ``grad_fn`` could call.
-    ``kw``: ``n_heads``, ``n_kv_heads``, ``rope_theta``, ``causal``, ``query_idx``,
-    ``rope_scaling``, ``causal_blocks`` (:func:`qk_attention_term`)."""
+    ``kw``: ``spec``, ``causal``, ``query_idx``, ``causal_blocks`` (:func:`qk_attention_term`)."""
     wq, wk = weights["q"], weights["k"]
     term, (dwq, dwk) = qk_attention_term_and_grad(masks["q"] * wq, masks["k"] * wk, x, target, **kw)
     reg = mask_regulariser(masks, lam, reg_scale)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxprune.model import Llama, token_nll
+from jaxprune.models.llama import Llama, token_nll
 
 # Variable-length sequences are padded up to a multiple of this many tokens.
 BUCKET = 256

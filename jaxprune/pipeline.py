@@ -1,7 +1,13 @@
 """Prune a model layer by layer (PROTOCOL.md): calibrate layer l on the inputs that the already
-pruned layers 0..l-1 produce, prune the chosen projections, move on. With ``layer_inputs: dense``
-every layer is calibrated on the dense model's inputs instead (one dense forward captures them
-all), and the softmax-aware solves of the layers run together (:mod:`jaxprune.softmax_layers`).
+pruned layers 0..l-1 produce, hand it to the run's method, write the result back, move on. With
+``layer_inputs: dense`` every layer is calibrated on the dense model's inputs instead (one dense
+forward captures them all), and a method that can prune independent layers together
+(``Method.prune_layers``) gets them all at once.
+
+The loop knows no method: it finds ``cfg.method`` in :mod:`jaxprune.methods.registry`, gives it
+each layer as a :class:`jaxprune.methods.base.Layer` and the run as a
+:class:`jaxprune.methods.base.Request` with the method's own config section, and collects its
+:class:`jaxprune.methods.base.Pruned` weights, masks and facts.
 
 Memory is bounded by one layer's activations for the calibration set: the residual stream of
 every calibration chunk is kept (``N x T x d``), and the wider captures of a layer (``o_in``,
@@ -10,7 +16,7 @@ every calibration chunk is kept (``N x T x d``), and the wider captures of a lay
 
 from __future__ import annotations
 
-import re
+import dataclasses
 import resource
 import sys
 import time
@@ -23,29 +29,36 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxprune import layerwise
-from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.errors import ModelError, ResumeError
 from jaxprune.masks import parse_nm
-from jaxprune.model import Llama, LlamaConfig, projection_kernels
+from jaxprune.methods import registry
+from jaxprune.methods.base import Layer, Request
+from jaxprune.methods.stats import init_stats, update_stats
+from jaxprune.models.llama import projection_kernels
+from jaxprune.objective import layer_errors
 from jaxprune.prune_config import TARGETS, PruneConfig
-from jaxprune.softmax_layers import prune_qk_softmax_layers
-from jaxprune.softmax_prune import attention_error, layer_errors, prune_qk_softmax
-from jaxprune.solvers import SolveDivergedError
 
 
-def _input_dims(c: LlamaConfig) -> dict[str, int]:
-    # Inputs of each projection (the axis N:M groups and SparseGPT blocks run along).
-    hidden, heads = c.hidden_size, c.num_heads * c.head_dim
-    dims = dict.fromkeys(("q", "k", "v", "gate", "up"), hidden)
-    return dims | {"o": heads, "down": c.intermediate_size}
+def request_for(cfg: PruneConfig) -> Request:
+    """What the run asks of its method (the same for every layer)."""
+    return Request(
+        targets=TARGETS[cfg.targets],
+        sparsity=cfg.sparsity_or_none,
+        pattern=cfg.pattern,
+        group=cfg.group,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        sections={m.name: getattr(cfg, m.name) for m in registry.methods() if m.section},
+    )
 
 
-def check_model(cfg: PruneConfig, c: LlamaConfig, model_name: str | None = None) -> None:
+def check_model(cfg: PruneConfig, c, model_name: str | None = None) -> None:
     """Checks the settings against the loaded model's shapes, before any calibration.
 
     Raises:
       ModelError: a layer index beyond the model, an N:M pattern whose M does not divide a pruned
-        matrix's inputs, or a SparseGPT block size that splits N:M groups.
+        matrix's inputs, or a method's own setting that does not fit them (such as a SparseGPT
+        block size that splits N:M groups).
     """
     name = model_name or cfg.model
     if cfg.layers is not None and max(cfg.layers) >= c.num_layers:
@@ -53,11 +66,12 @@ def check_model(cfg: PruneConfig, c: LlamaConfig, model_name: str | None = None)
             f"layers={list(cfg.layers)}: model {name} has {c.num_layers} layers, indices 0 to "
             f"{c.num_layers - 1}; give indices in that range."
         )
+    method = registry.get(cfg.method)
     nm = parse_nm(cfg.pattern)
-    if nm is None or cfg.method == "dense":
+    if nm is None or not method.prunes:
         return
     m = nm[1]
-    dims = _input_dims(c)
+    dims = c.projection_inputs()
     for target in TARGETS[cfg.targets]:
         if dims[target] % m:
             good = [
@@ -68,55 +82,12 @@ def check_model(cfg: PruneConfig, c: LlamaConfig, model_name: str | None = None)
                 f"inputs, which do not split into groups of {m}; choose an M dividing "
                 f"{dims[target]} (such as {' or '.join(good[:2]) or '1:1'})."
             )
-    uses_sparsegpt = cfg.method == "sparsegpt" or (
-        cfg.method == "softmax"
-        and cfg.softmax.other_method == "sparsegpt"
-        and set(TARGETS[cfg.targets]) - {"q", "k"}
-    )
-    if uses_sparsegpt and cfg.sparsegpt.blocksize % m:
-        small = [t for t in TARGETS[cfg.targets] if cfg.sparsegpt.blocksize < dims[t]]
-        if small:
-            raise ModelError(
-                f"sparsegpt.blocksize={cfg.sparsegpt.blocksize} is not a multiple of M={m} "
-                f"(pattern {cfg.pattern}); SparseGPT's blocks would split N:M groups: use a "
-                f"multiple of {m}."
-            )
-
-
-def _solve_warnings(info: dict, cfg: PruneConfig, li: int) -> list[str]:
-    """Warnings about a softmax-aware solve that did not do its job: its loss ended above its
-    start, or its relaxed mask collapsed towards zero (rounding then keeps arbitrary entries)."""
-    out = []
-    if info["final_loss"] > info["initial_loss"]:
-        out.append(
-            f"layer {li}: the softmax-aware solve ended at loss {info['final_loss']:.4g}, above "
-            f"its start {info['initial_loss']:.4g}; lower --softmax.lr (now {cfg.softmax.lr:g}) "
-            "or try --softmax.optimizer gd --softmax.lr 0 (derived step size, monotone)."
-        )
-    keep = 1.0 - (cfg.sparsity_or_none if cfg.sparsity_or_none is not None else _nm_pruned(cfg))
-    if info["mask_mean"] < 0.1 * keep:
-        out.append(
-            f"layer {li}: the relaxed mask collapsed (mean {info['mask_mean']:.3g} for a kept "
-            f"fraction {keep:.3g}), so its rounding is near arbitrary; lower --softmax.lam (now "
-            f"{info.get('lam', cfg.softmax.lam):g}) or --softmax.lr (now {cfg.softmax.lr:g})."
-        )
-    return out
-
-
-def _nm_pruned(cfg: PruneConfig) -> float:
-    n, m = parse_nm(cfg.pattern)
-    return 1.0 - n / m
-
-
-def _diverged(err: SolveDivergedError, cfg: PruneConfig, li: int) -> SolveDivergedError:
-    # The solver's advice names its own arguments; the user sets them with --softmax.lr and
-    # --softmax.optimizer.
-    what = re.split(r"[;.]\s+[Uu]se a smaller step_size", str(err))[0]
-    return SolveDivergedError(
-        f"layer {li}: {what}; use a smaller --softmax.lr than {cfg.softmax.lr:g} (optimizer "
-        f"{cfg.softmax.optimizer}), or --softmax.optimizer gd --softmax.lr 0 for the derived step "
-        "size, which cannot diverge."
-    )
+    if method.check is not None:
+        request = request_for(cfg)
+        try:
+            method.check(request, request.options_of(method), dims)
+        except ValueError as err:
+            raise ModelError(str(err)) from err
 
 
 def calibration_chunks(tokens, micro_batch: int) -> list[np.ndarray]:
@@ -136,13 +107,13 @@ def _peak_memory_bytes() -> dict[str, int]:
 
 
 def prune_model(
-    model: Llama,
+    model,
     calib_chunks: list[np.ndarray],
     heldout_chunks: list[np.ndarray],
     cfg: PruneConfig,
     store=None,
 ) -> dict[str, Any]:
-    """Prunes ``model`` in place, layer by layer.
+    """Prunes ``model`` in place, layer by layer, with the method ``cfg.method`` names.
 
     Args:
       model: the dense model (its kernels are overwritten).
@@ -158,18 +129,14 @@ def prune_model(
       "resumed_layers": [restored layer indices]}``.
     """
     c = model.config
-    if cfg.method == "dense":
+    method = registry.get(cfg.method)
+    if not method.prunes:
         return {"masks": {}, "layers": [], "seconds": 0.0, **_peak_memory_bytes()}
-    targets = TARGETS[cfg.targets]
-    shape_kw = dict(
-        n_heads=c.num_heads,
-        n_kv_heads=c.num_kv_heads,
-        rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling,
-    )
+    request = request_for(cfg)
+    options = request.options_of(method)
+    targets = request.targets
     start = time.perf_counter()
     hs = layerwise.embed_chunks(model, calib_chunks)
-    longest = max(h.shape[1] for h in hs)
     held = layerwise.embed_chunks(model, heldout_chunks)
     ropes = {}
 
@@ -178,7 +145,12 @@ def prune_model(
             ropes[t] = model.rope(t)
         return ropes[t]
 
-    update = jax.jit(update_stats)
+    calib = _Calibration(
+        rope=rope,
+        names=tuple(sorted({layerwise.INPUT_OF[t] for t in targets})),
+        attention_inputs=method.attention_inputs(options),
+        longest=max(h.shape[1] for h in hs),
+    )
     masks, layers = {}, []
     pruned = [
         li for li in range(c.num_layers) if targets and (cfg.layers is None or li in cfg.layers)
@@ -189,14 +161,16 @@ def prune_model(
             f"the saved layers {sorted(done)} in {store.directory} are not the first of the "
             f"layers this run prunes ({pruned}); the run folder is mixed up, start a new run."
         )
-    names = tuple(sorted({layerwise.INPUT_OF[t] for t in targets}))
     calibrated, solved = {}, {}
     if cfg.calibration.layer_inputs == "dense":
+        # Every layer is calibrated on the dense model's inputs (one forward), so the layers are
+        # independent: a method that can prune them together does so here.
         todo = [li for li in pruned if li not in done]
-        calibrated, solved = _independent_layers(
-            model, hs, rope, todo, names, cfg, longest, update, shape_kw
-        )
+        calibrated = _dense_calibration(model, hs, todo, calib)
         hs = []  # no layer needs the pruned model's calibration outputs
+        if method.prune_layers is not None and todo:
+            views = [_layer_view(model, li, calibrated.pop(li), targets) for li in todo]
+            solved = dict(zip(todo, method.prune_layers(views, request, options), strict=True))
     bar = tqdm(
         range(c.num_layers),
         desc=f"prune {cfg.method}",
@@ -223,74 +197,30 @@ def prune_model(
             hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
             held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
             continue
-        dense_qk = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k")}
-        dense_attn = dense_qk | {k: jnp.asarray(kernels[k][...]) for k in ("v", "o")}
+        dense_attn = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k", "v", "o")}
         info: dict[str, Any] = {"layer": li}
         if li in pruned:
-            stats, soft_x = calibrated.pop(li, None) or _calibrate(
-                graphdef, state, hs, rope, names, cfg, longest, update
-            )
-            new = {}
-            rest = list(targets)
-            if cfg.method == "softmax":
-                x = _stack_prefixes(soft_x, cfg.softmax.seq_len)
-                try:
-                    # Independent layers were solved together (before this loop).
-                    qk_new, keep, soft_info = solved.pop(li, None) or prune_qk_softmax(
-                        dense_qk,
-                        x,
-                        stats["attn_in"],
-                        cfg,
-                        value_weights={k: jnp.asarray(kernels[k][...]) for k in ("v", "o")},
-                        progress=cfg.progress,
-                        desc=f"layer {li} softmax",
-                        **shape_kw,
-                    )
-                except SolveDivergedError as err:
-                    raise _diverged(err, cfg, li) from err
-                new.update(qk_new)
-                masks[li] = dict(keep)
-                info |= soft_info
-                info["warnings"] = _solve_warnings(soft_info, cfg, li)
-                for warning in info["warnings"]:
-                    tqdm.write(f"jaxprune: warning: {warning}", file=sys.stderr)
-                info["softmax_tokens"] = list(x.shape[:2])
-                info["calib_attention_error"] = float(
-                    attention_error(dense_qk["q"], dense_qk["k"], new["q"], new["k"], x, **shape_kw)
-                )
-                rest = [t for t in targets if t not in ("q", "k")]
-            method = cfg.softmax.other_method if cfg.method == "softmax" else cfg.method
-            opts = (
-                {"blocksize": cfg.sparsegpt.blocksize, "percdamp": cfg.sparsegpt.percdamp}
-                if method == "sparsegpt"
-                else {}
-            )
-            # The other matrices of the softmax-aware method use their method's own group.
-            group = cfg.group if method == cfg.method else None
-            for name in rest:
-                w = jnp.asarray(kernels[name][...])
-                new[name], keep = prune_matrix(
-                    method,
-                    w,
-                    stats[layerwise.INPUT_OF[name]],
-                    sparsity=cfg.sparsity_or_none,
-                    pattern=cfg.pattern,
-                    group=group,
-                    **opts,
-                )
-                masks.setdefault(li, {})[name] = keep
-            for name, w in new.items():
+            result = solved.pop(li, None)
+            if result is None:
+                found = calibrated.pop(li, None) or _calibrate(graphdef, state, hs, calib)
+                result = method.prune(_layer_view(model, li, found, targets), request, options)
+            for warning in result.facts.get("warnings", []):
+                tqdm.write(f"jaxprune: warning: {warning}", file=sys.stderr)
+            info |= result.facts
+            masks[li] = dict(result.masks)
+            for name, w in result.weights.items():
                 kernels[name][...] = w
             graphdef, state = nnx.split(layer)
             info["sparsity"] = {n: float(1.0 - jnp.mean(masks[li][n])) for n in targets}
         if held:
             now = {k: kernels[k][...] for k in ("q", "k", "v", "o")}
+            spec = c.attention_spec(li)
             errs = []
             for h in held:
                 x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))[
                     "attn_in"
                 ]
-                errs.append([float(e) for e in layer_errors(dense_attn, now, x, **shape_kw)])
+                errs.append([float(e) for e in layer_errors(dense_attn, now, x, spec=spec)])
             info["heldout_attention_error"], info["heldout_output_error"] = (
                 float(e) for e in np.mean(errs, axis=0)
             )
@@ -310,58 +240,67 @@ def prune_model(
     }
 
 
-def _calibrate(graphdef, state, hs, rope, names, cfg, longest, update):
-    """A layer's input statistics (``{name: InputStats}``) and its softmax-aware attention
-    inputs (a list of ``(b, t, d)`` prefixes) from the calibration chunks' inputs ``hs``."""
-    stats = {n: None for n in names}
-    soft_x, soft_count = [], 0
+@dataclasses.dataclass(frozen=True)
+class _Calibration:
+    """What the calibration of a layer collects: the statistics of the inputs ``names`` and,
+    when the method asks for them, ``attention_inputs = (sequences, tokens)`` of attention
+    inputs. ``rope(t)`` gives the model's RoPE tables for ``t`` tokens."""
+
+    rope: Any
+    names: tuple[str, ...]
+    attention_inputs: tuple[int, int] | None
+    longest: int
+
+
+def _calibrate(graphdef, state, hs, calib: _Calibration):
+    """A layer's input statistics (``{capture name: InputStats}``) and its stacked attention
+    inputs (``None`` unless asked for) from the calibration chunks' inputs ``hs``."""
+    stats = {n: None for n in calib.names}
+    update = _update_stats
+    prefixes, count = [], 0
+    samples, seq_len = calib.attention_inputs or (0, 0)
     for h in hs:
-        caps = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), names)
-        for n in names:
+        caps = layerwise.capture_layer(graphdef, state, h, *calib.rope(h.shape[1]), calib.names)
+        for n in calib.names:
             stats[n] = update(
                 stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]), caps[n]
             )
-        want = cfg.softmax.samples - soft_count
-        if cfg.method == "softmax" and want > 0 and h.shape[1] >= min(cfg.softmax.seq_len, longest):
-            take = caps["attn_in"][:want, : cfg.softmax.seq_len]
-            soft_x.append(take)
-            soft_count += take.shape[0]
-    return stats, soft_x
+        want = samples - count
+        if want > 0 and h.shape[1] >= min(seq_len, calib.longest):
+            take = caps["attn_in"][:want, :seq_len]
+            prefixes.append(take)
+            count += take.shape[0]
+    return stats, (_stack_prefixes(prefixes, seq_len) if prefixes else None)
 
 
-def _independent_layers(model, hs, rope, todo, names, cfg, longest, update, shape_kw):
+_update_stats = jax.jit(update_stats)
+
+
+def _layer_view(model, li: int, calibrated, targets) -> Layer:
+    """Layer ``li`` as a method sees it: its dense kernels, the statistics of each target's
+    input, its attention spec and its calibration attention inputs."""
+    stats, x = calibrated
+    kernels = projection_kernels(model.layers[li])
+    return Layer(
+        index=li,
+        weights={n: jnp.asarray(p[...]) for n, p in kernels.items()},
+        stats={t: stats[layerwise.INPUT_OF[t]] for t in targets},
+        spec=model.config.attention_spec(li),
+        attention_inputs=x,
+    )
+
+
+def _dense_calibration(model, hs, todo, calib: _Calibration) -> dict:
     """``layer_inputs: dense``: one forward of the dense model captures the calibration of every
-    layer in ``todo``, and the softmax-aware q/k solves of those layers run together
-    (:func:`jaxprune.softmax_layers.prune_qk_softmax_layers`).
-
-    Returns:
-      ``({layer: (stats, softmax inputs)}, {layer: (new q/k kernels, keep, info)})``, the second
-      empty for the baselines.
-    """
+    layer in ``todo``: ``{layer: (stats, attention inputs)}``."""
     calibrated = {}
     for li in range(max(todo, default=-1) + 1):
         graphdef, state = nnx.split(model.layers[li])
         if li in todo:
-            calibrated[li] = _calibrate(graphdef, state, hs, rope, names, cfg, longest, update)
+            calibrated[li] = _calibrate(graphdef, state, hs, calib)
         if li < max(todo):
-            hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
-    if cfg.method != "softmax" or not todo:
-        return calibrated, {}
-    kernels = [projection_kernels(model.layers[li]) for li in todo]
-    try:
-        results = prune_qk_softmax_layers(
-            [{k: jnp.asarray(kern[k][...]) for k in ("q", "k")} for kern in kernels],
-            [_stack_prefixes(calibrated[li][1], cfg.softmax.seq_len) for li in todo],
-            [calibrated[li][0]["attn_in"] for li in todo],
-            cfg,
-            value_weights=[{k: jnp.asarray(kern[k][...]) for k in ("v", "o")} for kern in kernels],
-            progress=cfg.progress,
-            desc=f"layers {todo[0]}-{todo[-1]} softmax",
-            **shape_kw,
-        )
-    except SolveDivergedError as err:
-        raise _diverged(err, cfg, f"{todo[0]}-{todo[-1]} (solved together)") from err
-    return calibrated, dict(zip(todo, results, strict=True))
+            hs = [layerwise.apply_layer(graphdef, state, h, *calib.rope(h.shape[1])) for h in hs]
+    return calibrated
 
 
 def _stack_prefixes(xs: list[jax.Array], seq_len: int) -> jax.Array:

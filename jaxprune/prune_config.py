@@ -14,19 +14,17 @@ config or flag that still uses an old key is refused with one line naming the ne
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import field
 from typing import Any, ClassVar
 
-from jaxprune.baselines import GROUPS as BASELINE_GROUPS
-from jaxprune.baselines import METHODS as BASELINES
 from jaxprune.masks import parse_nm
+from jaxprune.methods import registry
 
-METHODS = ("dense", *BASELINES, "softmax")
-# Comparison groups per method; the first is the default (the authors' own for the baselines).
-# The softmax-aware method rounds per matrix by default: its full-protocol row beat the per-output
-# one (README, "Head-to-head on the full protocol").
-METHOD_GROUPS = {**BASELINE_GROUPS, "softmax": ("matrix", "output"), "dense": ()}
+# The registered methods when this module is first imported (the choices of --method).
+METHODS = registry.names()
+# Comparison groups per method; the first is the default (the authors' own for the baselines,
+# per matrix for the softmax-aware rounding).
+METHOD_GROUPS = {m.name: m.groups for m in registry.methods()}
 TARGETS = {
     "qk": ("q", "k"),
     "attn": ("q", "k", "v", "o"),
@@ -75,93 +73,9 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseGPTConfig:
-    """SparseGPT (method sparsegpt, or softmax.other_method sparsegpt)."""
-
-    # Inputs per block of the OBS updates.
-    blocksize: int = field(default=128, metadata={"range": (1, 65536)})
-    # Dampening added to the Hessian's diagonal, relative to its mean.
-    percdamp: float = field(default=0.01, metadata={"range": (0.0, 10.0)})
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftmaxConfig:
-    """The softmax-aware method (method softmax): its attention term, solve, rounding, update."""
-
-    # Calibration sequences used in the attention term (the first ones).
-    samples: int = field(default=4, metadata={"range": (1, 4096)})
-    # Tokens of each of those sequences (a causal prefix).
-    seq_len: int = field(default=256, metadata={"range": (2, 32768)})
-    # Random query rows per sequence in the attention term (None: all).
-    query_rows: int | None = field(default=None, metadata={"range": (1, 32768)})
-    # Compute the attention term over blocks of this many query rows (memory linear in seq_len,
-    # the same loss; None: the direct form, faster at short lengths).
-    row_block: int | None = field(default=None, metadata={"range": (1, 32768)})
-    # Lambda (with normalize, relative to the dense attention scale).
-    lam: float = field(default=0.1, metadata={"range": (0.0, None)})
-    # Choose lambda per layer so the mask mean is near the kept fraction.
-    lam_search: bool = False
-    # Candidate lambdas of the search.
-    lam_grid: tuple[float, ...] = field(
-        default=(0.01, 0.03, 0.1, 0.3, 1.0), metadata={"range": (0.0, None)}
-    )
-    # Steps of each short solve in the search.
-    search_steps: int = field(default=30, metadata={"range": (1, 100000)})
-    # Where the mask comes from: solve (the relaxed mask solve, then rounding), sparsegpt
-    # (SparseGPT's mask and weights, authors' rules; no mask solve, then the update from there)
-    # or auto (the best measured: sparsegpt for N:M patterns with update=softmax, else solve;
-    # metrics.json records the choice as softmax_mask).
-    mask: str = field(default="auto", metadata={"choices": ("auto", "solve", "sparsegpt")})
-    # Start point: wanda (Wanda's ordering as ranks in [0, 1], the best measured) or ones (the
-    # paper's M = 1).
-    init: str = field(default="wanda", metadata={"choices": ("ones", "wanda")})
-    # Optimiser (gd with lr <= 0 derives the step size).
-    optimizer: str = field(default="adam", metadata={"choices": ("gd", "sgd", "adam")})
-    # Learning rate / step size.
-    lr: float = 0.01
-    # Learning-rate schedule.
-    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
-    # Solver steps per layer.
-    steps: int = field(default=80, metadata={"range": (1, 1_000_000)})
-    # Divide the attention term by its dense scale.
-    normalize: bool = True
-    # Round by the mask (mask) or by |M * W| (mask_times_weight).
-    score: str = field(default="mask", metadata={"choices": ("mask", "mask_times_weight")})
-    # Break ties of the rounding by Wanda's score (a second sort key).
-    tiebreak: bool = True
-    # After rounding, update the kept q/k weights: softmax (Adam on the same attention loss, the
-    # mask fixed; the default, the best measured variant), sparsegpt (its linear reconstruction)
-    # or none (the paper's method stops at the rounded mask).
-    update: str = field(default="softmax", metadata={"choices": ("none", "sparsegpt", "softmax")})
-    # What the attention term compares: probs (the paper's: each head's attention probabilities)
-    # or output (the attention block's output sum_h P_h V_h O_h, dense V and O).
-    term: str = field(default="probs", metadata={"choices": ("probs", "output")})
-    # update=softmax: Adam steps on the kept weights.
-    update_steps: int = field(default=40, metadata={"range": (1, 1_000_000)})
-    # update=softmax: learning rate, relative to each matrix's weight RMS.
-    update_lr: float = field(default=0.01, metadata={"range": (0.0, None)})
-    # Baseline for the matrices the softmax-aware method does not handle (v, o, MLP).
-    other_method: str = field(default="sparsegpt", metadata={"choices": BASELINES})
-
-    def __post_init__(self):
-        if not math.isfinite(self.lr) or (self.optimizer != "gd" and self.lr <= 0):
-            raise ValueError(
-                f"softmax.lr={self.lr} cannot work with softmax.optimizer={self.optimizer!r}: "
-                "give a positive finite learning rate such as 0.01 (only optimizer gd takes "
-                "lr <= 0, for the derived step size 1/L)."
-            )
-        if self.mask == "sparsegpt" and self.update != "softmax":
-            raise ValueError(
-                f"softmax.mask=sparsegpt with softmax.update={self.update} is SparseGPT itself: "
-                "use --method sparsegpt, or set --softmax.update softmax to fit SparseGPT's "
-                "weights to the softmax."
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneConfig:
-    """One pruning run: model, method, targets, pattern; calibration, evaluation and the
-    methods' own options in their sections."""
+class RunConfig:
+    """One pruning run: model, method, targets, pattern; calibration and evaluation in their
+    sections. :class:`PruneConfig` adds one section per registered method that has options."""
 
     # Model: "smollm2-135m", a .gguf path, a Hugging Face folder, or a hub id.
     model: str = "smollm2-135m"
@@ -193,10 +107,6 @@ class PruneConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # Evaluation after pruning.
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # The softmax-aware method's options.
-    softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
-    # SparseGPT's options.
-    sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
 
     # Flat keys of the configs before the sections (still in stored runs) -> their new place.
     MOVED_KEYS: ClassVar[dict[str, str]] = {
@@ -251,7 +161,7 @@ class PruneConfig:
                 f"layers={list(self.layers)}: give layer indices from 0 (such as [0, 1]), or "
                 "leave it unset (null) for every layer."
             )
-        allowed = METHOD_GROUPS.get(self.method, ())
+        allowed = registry.get(self.method).groups
         if self.group is not None and self.group not in allowed:
             raise ValueError(
                 f"group={self.group!r} does not apply to method {self.method!r}: "
@@ -259,15 +169,9 @@ class PruneConfig:
             )
 
     @property
-    def softmax_mask(self) -> str:
-        """Where the softmax-aware method's mask comes from (``softmax.mask`` with auto
-        resolved)."""
-        return resolve_mask(self.softmax.mask, self.pattern, self.softmax.update)
-
-    @property
     def group_or_default(self) -> str | None:
         """The comparison group the method uses (``None`` for dense)."""
-        groups = METHOD_GROUPS[self.method]
+        groups = registry.get(self.method).groups
         return self.group if self.group is not None else (groups[0] if groups else None)
 
     @property
@@ -276,13 +180,22 @@ class PruneConfig:
         return None if parse_nm(self.pattern) else self.sparsity
 
 
-def resolve_mask(mask: str, pattern: str, update: str) -> str:
-    """``softmax.mask`` with auto resolved to the best measured choice on the full protocol
-    (README): SparseGPT's mask at N:M patterns with the softmax update (it beats the solved mask
-    at 2:4), the solved mask otherwise (it wins at 50% unstructured)."""
-    if mask != "auto":
-        return mask
-    return "sparsegpt" if parse_nm(pattern) is not None and update == "softmax" else "solve"
+def _build_prune_config() -> type:
+    """``PruneConfig``: :class:`RunConfig` plus one section per registered method with options
+    (``softmax``, ``sparsegpt``, ...), named after the method."""
+    sections = [
+        (m.name, m.section, field(default_factory=m.section))
+        for m in registry.methods()
+        if m.section is not None
+    ]
+    cls = dataclasses.make_dataclass("PruneConfig", sections, bases=(RunConfig,), frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = RunConfig.__doc__.replace(":class:`PruneConfig` adds", "It adds")
+    cls.__qualname__ = "PruneConfig"
+    return cls
+
+
+PruneConfig = _build_prune_config()
 
 
 def flat_settings(config: dict[str, Any]) -> dict[str, Any]:

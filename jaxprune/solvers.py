@@ -29,6 +29,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxprune import checkpoints
+from jaxprune.errors import UserError
 from jaxprune.objective import _merged_terms, attention_pruning_grad, attention_pruning_loss
 
 OPTIMIZERS = ("gd", "sgd", "adam")
@@ -36,7 +37,7 @@ SCHEDULES = ("constant", "cosine")
 HISTORY_KEYS = ("loss", "attention", "grad_norm", "step_size")
 
 
-class SolveDivergedError(RuntimeError):
+class SolveDivergedError(UserError, RuntimeError):
     """The loss became NaN/inf or grew past the divergence limit."""
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from jaxprune import plots, results
 from jaxprune.compare import format_difference, paired_bootstrap
 from jaxprune.config import ConfigError, flatten, from_dict, to_dict
-from jaxprune.prune_config import PruneConfig, flat_settings, resolve_mask
+from jaxprune.methods.softmax import resolve_mask
+from jaxprune.prune_config import PruneConfig, flat_settings
 
 
 @dataclasses.dataclass(frozen=True)

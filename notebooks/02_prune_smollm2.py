@@ -126,7 +126,7 @@ from matplotlib.colors import LogNorm
 from jaxprune import data
 from jaxprune.config import replace
 from jaxprune.loaders.resolve import load_model
-from jaxprune.model import projection_kernels
+from jaxprune.models.llama import projection_kernels
 from jaxprune.objective import qk_layer_probs
 from jaxprune.perplexity import perplexity
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
@@ -337,15 +337,13 @@ plt.show()
 # changes are small.
 
 # %%
-probs_fn = jax.jit(
-    qk_layer_probs, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling")
-)
-shape_kw = dict(
-    n_heads=c.num_heads,
-    n_kv_heads=c.num_kv_heads,
-    rope_theta=c.rope_theta,
-    rope_scaling=c.rope_scaling,
-)
+probs_fn = jax.jit(qk_layer_probs, static_argnames=("spec",))
+
+
+def spec_kw(li):
+    """Layer ``li``'s attention as the objective recomputes it (heads, RoPE, query scale)."""
+    return dict(spec=c.attention_spec(li))
+
 
 
 def qk(model, layer: int) -> tuple[jax.Array, jax.Array]:
@@ -365,10 +363,10 @@ for layer in dense.layers:
 head_error = {name: np.zeros((c.num_layers, c.num_heads)) for name in models}
 for li in pruned_layers:
     x = layer_inputs[li]
-    p_dense = probs_fn(*qk(dense, li), x, **shape_kw)  # (heads, sequences, queries, keys)
+    p_dense = probs_fn(*qk(dense, li), x, **spec_kw(li))  # (heads, sequences, queries, keys)
     norm = jnp.sqrt(jnp.sum(p_dense**2, axis=(-2, -1)))
     for name, model in models.items():
-        p = probs_fn(*qk(model, li), x, **shape_kw)
+        p = probs_fn(*qk(model, li), x, **spec_kw(li))
         err = jnp.sqrt(jnp.sum((p - p_dense) ** 2, axis=(-2, -1))) / norm
         head_error[name][li] = np.asarray(jnp.mean(err, axis=1))
 
@@ -379,9 +377,9 @@ print(
     f"softmax-aware {head_error['softmax-aware'][li, hi]:.4f}"
 )
 
-maps = {"dense": np.asarray(probs_fn(*qk(dense, li), layer_inputs[li][:1], **shape_kw))[hi, 0]}
+maps = {"dense": np.asarray(probs_fn(*qk(dense, li), layer_inputs[li][:1], **spec_kw(li)))[hi, 0]}
 for name, model in models.items():
-    maps[name] = np.asarray(probs_fn(*qk(model, li), layer_inputs[li][:1], **shape_kw))[hi, 0]
+    maps[name] = np.asarray(probs_fn(*qk(model, li), layer_inputs[li][:1], **spec_kw(li)))[hi, 0]
 
 
 def log_image(ax, values, cmap, vmax):

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune.baselines import init_stats, prune_matrix, update_stats
+from jaxprune.methods.registry import prune_matrix
+from jaxprune.methods.stats import init_stats, update_stats
 
 
 def problem(n=256, d_in=32, d_out=12, seed=0):

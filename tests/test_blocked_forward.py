@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 from tiny_run import tiny_config
 
-from jaxprune import model as model_lib
-from jaxprune.model import Llama
+from jaxprune.models import llama as model_lib
+from jaxprune.models.llama import Llama
 
 
 def direct_logits(m: Llama, tokens):

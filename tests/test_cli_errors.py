@@ -279,7 +279,8 @@ def test_out_of_memory_names_flags_that_exist():
 
 def test_diverged_solve_names_the_flags():
     from jaxprune.config import from_dict
-    from jaxprune.pipeline import PruneConfig, _diverged
+    from jaxprune.methods.softmax import diverged
+    from jaxprune.pipeline import PruneConfig
     from jaxprune.solvers import SolveDivergedError
 
     cfg = from_dict(PruneConfig, {"method": "softmax", "softmax": {"optimizer": "sgd", "lr": 100}})
@@ -287,7 +288,7 @@ def test_diverged_solve_names_the_flags():
         "the solve diverged at step 3: loss 1e+09 (start 0.5). Use a smaller step_size than "
         "100, or optimizer='gd' with step_size=None (derived, monotone)."
     )
-    message = str(_diverged(err, cfg, 7))
+    message = str(diverged(err, cfg.softmax, 7))
     assert message.startswith("layer 7: the solve diverged at step 3: loss 1e+09 (start 0.5)")
     assert "--softmax.lr than 100" in message and "step_size" not in message
     assert "--softmax.optimizer gd --softmax.lr 0" in message
@@ -295,13 +296,14 @@ def test_diverged_solve_names_the_flags():
 
 def test_a_solve_that_rises_or_collapses_is_warned_about():
     from jaxprune.config import from_dict
-    from jaxprune.pipeline import PruneConfig, _solve_warnings
+    from jaxprune.methods.softmax import solve_warnings
+    from jaxprune.pipeline import PruneConfig, request_for
 
     cfg = from_dict(PruneConfig, {"method": "softmax", "softmax.lr": 0.5})
     good = {"initial_loss": 1.0, "final_loss": 0.5, "mask_mean": 0.45, "lam": 0.1}
-    assert _solve_warnings(good, cfg, 0) == []
+    assert solve_warnings(good, request_for(cfg), cfg.softmax, 0) == []
     bad = {"initial_loss": 0.1, "final_loss": 0.6, "mask_mean": 0.001, "lam": 0.1}
-    rose, collapsed = _solve_warnings(bad, cfg, 3)
+    rose, collapsed = solve_warnings(bad, request_for(cfg), cfg.softmax, 3)
     assert rose.startswith("layer 3: the softmax-aware solve ended at loss 0.6")
     assert "--softmax.lr (now 0.5)" in rose
     assert "collapsed (mean 0.001" in collapsed and "--softmax.lam (now 0.1)" in collapsed

@@ -19,7 +19,7 @@ from tokenizers import pre_tokenizers
 
 from jaxprune.loaders import gguf as loader
 from jaxprune.loaders.gguf import FetchError, GGUFError, read_gguf
-from jaxprune.model import LlamaConfig
+from jaxprune.models.llama import LlamaConfig
 
 # Every dimension that is a row length of a quantized matrix is a multiple of 32 (the block size
 # of Q4_0, Q4_1 and Q8_0).

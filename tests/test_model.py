@@ -23,7 +23,7 @@ from flax import nnx
 from jaxprune.loaders.hf import WeightFileError, read_hf_folder, write_hf_folder
 from jaxprune.loaders.params import WeightLoadError, model_from_tensors, tensors_from_model
 from jaxprune.loaders.resolve import ModelNotFoundError, load_model
-from jaxprune.model import LlamaConfig, make_forward, projection_kernels, token_nll
+from jaxprune.models.llama import LlamaConfig, make_forward, projection_kernels, token_nll
 from jaxprune.perplexity import perplexity
 
 VOCAB = 97

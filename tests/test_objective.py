@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxprune import objective
+from jaxprune.models.spec import AttentionSpec
 from jaxprune.rope import apply_rope, rope_cos_sin
 
 
@@ -100,7 +101,7 @@ def test_factored_without_rope_equals_merged_per_head():
     mq, mk = rng.uniform(size=wq.shape), rng.uniform(size=wk.shape)
     lam = 0.2
     loss, aux = objective.qk_pruning_loss(
-        {"q": mq, "k": mk}, {"q": wq, "k": wk}, x, lam=lam, n_heads=h, n_kv_heads=h, rope_theta=None
+        {"q": mq, "k": mk}, {"q": wq, "k": wk}, x, lam=lam, spec=AttentionSpec(h, h, dh, None)
     )
     expected_attn = 0.0
     for i in range(h):
@@ -118,9 +119,9 @@ def test_grouped_query_heads_share_their_key_head():
     d, h, g, dh, n = 8, 4, 2, 4, 6
     x = rng.normal(size=(n, d))
     wq, wk = rng.normal(size=(d, h * dh)), rng.normal(size=(d, g * dh))
-    grouped = objective.qk_layer_probs(wq, wk, x, n_heads=h, n_kv_heads=g, rope_theta=1e4)
+    grouped = objective.qk_layer_probs(wq, wk, x, spec=AttentionSpec(h, g, dh, 1e4))
     wk_rep = np.concatenate([wk[:, (i // 2) * dh : (i // 2 + 1) * dh] for i in range(h)], axis=1)
-    repeated = objective.qk_layer_probs(wq, wk_rep, x, n_heads=h, n_kv_heads=h, rope_theta=1e4)
+    repeated = objective.qk_layer_probs(wq, wk_rep, x, spec=AttentionSpec(h, h, dh, 1e4))
     np.testing.assert_allclose(grouped, repeated, rtol=1e-12)
     assert grouped.shape == (h, 1, n, n)
 
@@ -131,7 +132,7 @@ def test_query_row_subset_matches_full_rows():
     x = rng.normal(size=(2, n, d))
     wq, wk = rng.normal(size=(d, h * dh)), rng.normal(size=(d, h * dh))
     idx = jnp.array([0, 3, 8])
-    kw = dict(n_heads=h, n_kv_heads=h, rope_theta=1e4)
+    kw = dict(spec=AttentionSpec(h, h, dh, 1e4))
     full = objective.qk_layer_probs(wq, wk, x, **kw)
     sub = objective.qk_layer_probs(wq, wk, x, query_idx=idx, **kw)
     np.testing.assert_allclose(sub, full[:, :, idx], rtol=1e-12)
@@ -158,7 +159,7 @@ def test_layers_vmap_equals_sum_of_layers():
     x = rng.normal(size=(L, 2, n, d))
     weights = {"q": rng.normal(size=(L, d, h * dh)), "k": rng.normal(size=(L, d, g * dh))}
     masks = jax.tree.map(lambda w: rng.uniform(size=w.shape), weights)
-    kw = dict(lam=0.1, n_heads=h, n_kv_heads=g, rope_theta=1e4)
+    kw = dict(lam=0.1, spec=AttentionSpec(h, g, dh, 1e4))
     total, _ = objective.qk_pruning_loss_layers(masks, weights, x, **kw)
 
     def layer(tree, i):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxprune import objective
+from jaxprune.models.spec import AttentionSpec
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +26,7 @@ def test_blocked_term_and_gradient_equal_the_direct_form(n_heads, n_kv_heads, ro
         "k": jnp.asarray(rng.normal(size=(d, n_kv_heads * dh))),
     }
     masks = {k: jnp.asarray(rng.uniform(size=w.shape)) for k, w in weights.items()}
-    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=100.0)
+    kw = dict(spec=AttentionSpec(n_heads, n_kv_heads, dh, 100.0))
 
     def direct(m):
         return objective.qk_pruning_loss(m, weights, x, lam=0.0, **kw)[0]
@@ -55,7 +56,7 @@ def test_blocked_term_against_other_dense_weights_equals_the_direct_form_in_the_
     }
     keep = {k: jnp.asarray(rng.uniform(size=w.shape) < 0.5, x.dtype) for k, w in dense.items()}
     moved = {k: w + 0.1 * jnp.asarray(rng.normal(size=w.shape)) for k, w in dense.items()}
-    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=100.0)
+    kw = dict(spec=AttentionSpec(n_heads, n_kv_heads, dh, 100.0))
     target = objective.qk_layer_probs(dense["q"], dense["k"], x, **kw)
 
     def direct(w):
@@ -78,6 +79,4 @@ def test_blocked_term_refuses_a_block_that_does_not_divide_n():
     x = jnp.ones((1, 10, 4))
     w = {"q": jnp.ones((4, 4)), "k": jnp.ones((4, 4))}
     with pytest.raises(ValueError, match="row_block=4 must divide the sequence length 10"):
-        objective.qk_attention_term_blocked(
-            w, w, x, n_heads=1, n_kv_heads=1, rope_theta=None, row_block=4
-        )
+        objective.qk_attention_term_blocked(w, w, x, spec=AttentionSpec(1, 1, 4, None), row_block=4)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprune.models.spec import AttentionSpec
 from jaxprune.objective import qk_layer_probs, qk_pruning_loss
 from jaxprune.objective_vjp import (
     qk_attention_term,
@@ -37,7 +38,7 @@ def problem(seed=0):
 
 def settings(query_rows, causal=True):
     rows = None if query_rows is None else jnp.asarray(query_rows)
-    return dict(n_heads=H, n_kv_heads=G, rope_theta=100.0, causal=causal, query_idx=rows)
+    return dict(spec=AttentionSpec(H, G, DH, 100.0), causal=causal, query_idx=rows)
 
 
 def loss_of(loss_fn, **kw):
@@ -129,5 +130,5 @@ def test_wrong_target_shape_is_named():
     _, w, x = problem()
     with pytest.raises(ValueError, match=r"target has shape \(6, 3, 12, 11\)"):
         qk_attention_term(
-            w["q"], w["k"], x, jnp.zeros((H, B, N, N - 1)), n_heads=H, n_kv_heads=G, rope_theta=None
+            w["q"], w["k"], x, jnp.zeros((H, B, N, N - 1)), spec=AttentionSpec(H, G, DH, None)
         )

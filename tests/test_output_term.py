@@ -10,7 +10,7 @@ from flax import nnx
 from tiny_run import tiny_config
 
 from jaxprune.config import from_dict, replace
-from jaxprune.model import Llama, projection_kernels
+from jaxprune.models.llama import Llama, projection_kernels
 from jaxprune.objective import attention_output, head_values, qk_layer_probs, qk_pruning_loss
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 from jaxprune.rope import rope_cos_sin
@@ -23,7 +23,7 @@ def _layer_and_input():
     layer = model.layers[0]
     x = jax.random.normal(jax.random.key(2), (2, 12, TINY.hidden_size))
     kernels = {k: jnp.asarray(v[...]) for k, v in projection_kernels(layer).items()}
-    shape = dict(n_heads=TINY.num_heads, n_kv_heads=TINY.num_kv_heads)
+    shape = dict(spec=TINY.attention_spec(0))
     return layer, x, kernels, shape
 
 
@@ -31,14 +31,14 @@ def test_output_equals_the_models_attention_block():
     layer, x, w, shape = _layer_and_input()
     cos, sin = rope_cos_sin(jnp.arange(x.shape[1]), TINY.head_dim, TINY.rope_theta)
     expected, _ = layer.self_attn(x, cos, sin)
-    probs = qk_layer_probs(w["q"], w["k"], x, rope_theta=TINY.rope_theta, **shape)
+    probs = qk_layer_probs(w["q"], w["k"], x, **shape)
     got = attention_output(probs, *head_values(w["v"], w["o"], x, **shape))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_output_term_is_the_squared_change_of_the_block_output():
     _, x, w, shape = _layer_and_input()
-    kw = dict(rope_theta=TINY.rope_theta, **shape)
+    kw = dict(shape)
     values = head_values(w["v"], w["o"], x, **shape)
     rng = np.random.default_rng(0)
     masks = {k: jnp.asarray(rng.uniform(size=w[k].shape), jnp.float32) for k in ("q", "k")}

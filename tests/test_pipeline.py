@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 from tiny_run import tiny_config
 
-from jaxprune.baselines import init_stats, prune_matrix, update_stats
 from jaxprune.config import ConfigError, from_dict, replace
 from jaxprune.job import command_for
-from jaxprune.model import Llama, projection_kernels
+from jaxprune.methods.registry import prune_matrix
+from jaxprune.methods.stats import init_stats, update_stats
+from jaxprune.models.llama import Llama, projection_kernels
 from jaxprune.pipeline import TARGETS, PruneConfig, calibration_chunks, prune_model
 
 TINY = tiny_config()

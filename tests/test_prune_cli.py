@@ -79,7 +79,7 @@ def test_prune_writes_metrics_masks_params_and_a_loadable_hf_folder(pruned_run, 
     import transformers
 
     from jaxprune.loaders.resolve import load_model
-    from jaxprune.model import make_forward
+    from jaxprune.models.llama import make_forward
 
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp / "hf").eval()
     q = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy()

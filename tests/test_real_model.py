@@ -71,7 +71,7 @@ def test_logits_match_transformers_on_real_text(real, wikitext_ids, tmp_path_fac
     import transformers
 
     from jaxprune.loaders.hf import write_hf_folder
-    from jaxprune.model import make_forward
+    from jaxprune.models.llama import make_forward
 
     model, tokenizer, _ = real
     folder = write_hf_folder(model, tmp_path_factory.mktemp("smollm2"), tokenizer=tokenizer)

@@ -19,10 +19,10 @@ import transformers
 from test_model import hf_logits, hf_model, small_config, state_numpy, tokens
 
 from jaxprune.loaders.params import model_from_tensors
-from jaxprune.model import LlamaConfig, make_forward, projection_kernels
-from jaxprune.objective import qk_layer_probs
+from jaxprune.models.llama import LlamaConfig, make_forward, projection_kernels
+from jaxprune.models.spec import AttentionSpec
+from jaxprune.objective import attention_error, qk_layer_probs
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq, rope_tables
-from jaxprune.softmax_prune import attention_error
 
 THETA = 500.0
 HEAD_DIM = 16
@@ -151,14 +151,16 @@ def test_objective_probs_equal_model_probs_with_scaling():
     _, captures = layer(h, cos, sin, capture=True)
     kernels = projection_kernels(layer)
     wq, wk = kernels["q"][...], kernels["k"][...]
-    kw = dict(n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, rope_theta=THETA)
-    probs = qk_layer_probs(wq, wk, captures["attn_in"], rope_scaling=config.rope_scaling, **kw)
+    spec = config.attention_spec(1)
+    assert spec.rope_theta == THETA and spec.rope_scaling == config.rope_scaling
+    probs = qk_layer_probs(wq, wk, captures["attn_in"], spec=spec)
     # The objective gives (h, b, t, t); the model captures (b, h, t, t).
     np.testing.assert_allclose(
         np.asarray(probs).transpose(1, 0, 2, 3), np.asarray(captures["probs"]), atol=1e-6
     )
-    plain = qk_layer_probs(wq, wk, captures["attn_in"], **kw)
+    plain_spec = AttentionSpec(config.num_heads, config.num_kv_heads, config.head_dim, THETA)
+    plain = qk_layer_probs(wq, wk, captures["attn_in"], spec=plain_spec)
     assert np.abs(np.asarray(plain) - np.asarray(probs)).max() > 1e-3
     # The jitted pruning helper takes the scaling as a static (hashable) argument.
-    err = attention_error(wq, wk, wq, wk, captures["attn_in"], rope_scaling=SCALING, **kw)
+    err = attention_error(wq, wk, wq, wk, captures["attn_in"], spec=spec)
     assert float(err) == pytest.approx(0.0, abs=1e-6)

@@ -22,13 +22,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tiny_run import TINY_FLAGS, jaxprune, tiny_config, write_tiny_data, write_tiny_model
 
-from jaxprune import sharding, softmax_layers, softmax_prune
-from jaxprune.baselines import init_stats, update_stats
+from jaxprune import sharding
 from jaxprune.config import replace
-from jaxprune.model import Llama
-from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
-from jaxprune.softmax_layers import prune_qk_softmax_layers
-from jaxprune.softmax_prune import _mask_loss, prune_qk_softmax, solve_setup
+from jaxprune.methods import softmax_layers, softmax_solve
+from jaxprune.methods.softmax_layers import prune_qk_softmax_layers
+from jaxprune.methods.softmax_solve import _mask_loss, prune_qk_softmax, solve_setup
+from jaxprune.methods.stats import init_stats, update_stats
+from jaxprune.models.llama import Llama
+from jaxprune.models.spec import AttentionSpec
+from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model, request_for
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 2, reason="needs the two CPU devices that tests/conftest.py forces"
@@ -36,12 +38,17 @@ pytestmark = pytest.mark.skipif(
 
 # One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
 D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
-SHAPE = dict(n_heads=H, n_kv_heads=G, rope_theta=1e4, rope_scaling=None)
+SHAPE = dict(spec=AttentionSpec(H, G, DH, 1e4))
 # The weight update after rounding is split like the mask solve; most tests here leave it out
 # for speed, and test_heads_sharded_prune_matches_one_device includes it once.
 CFG = replace(
     PruneConfig(), method="softmax", softmax={"steps": 10, "update": "none"}, progress=False
 )
+
+
+def args(cfg):
+    """The softmax-aware solve's ``(request, options)`` for a run config."""
+    return request_for(cfg), cfg.softmax
 
 
 def layer_problem(seed):
@@ -104,7 +111,7 @@ def test_devices_limit(monkeypatch):
 
 def test_a_key_head_and_its_query_heads_share_a_device():
     weights, x, stats = layer_problem(0)
-    setup = solve_setup(weights, x, stats, CFG, SHAPE)
+    setup = solve_setup(weights, x, stats, *args(CFG), SHAPE)
     mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
     init, (w, xx, target, _, _) = sharding.place_qk_solve(mesh, setup.init, setup.data)
     assert w["q"].sharding.spec == P(None, "heads") and target.sharding.spec == P("heads")
@@ -131,7 +138,7 @@ def test_a_key_head_and_its_query_heads_share_a_device():
 def test_heads_sharded_step_communicates_only_scalars(row_block):
     weights, x, stats = layer_problem(0)
     cfg = replace(CFG, softmax={"row_block": row_block})
-    setup = solve_setup(weights, x, stats, cfg, SHAPE)
+    setup = solve_setup(weights, x, stats, *args(cfg), SHAPE)
     mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
     init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
     loss = _mask_loss(
@@ -167,11 +174,11 @@ def test_heads_sharded_prune_matches_one_device(monkeypatch, row_block, term, up
         "o": jnp.asarray(rng.normal(size=(H * DH, D)) / np.sqrt(H * DH), jnp.float32),
     }
     cfg = replace(CFG, softmax={"row_block": row_block, "term": term, "update": update})
-    seen = recording(softmax_prune, monkeypatch)
+    seen = recording(softmax_solve, monkeypatch)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
-    ref = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
+    ref = prune_qk_softmax(weights, x, stats, *args(cfg), value_weights=values, **SHAPE)
     monkeypatch.setenv("JAXPRUNE_DEVICES", "2")
-    out = prune_qk_softmax(weights, x, stats, cfg, value_weights=values, **SHAPE)
+    out = prune_qk_softmax(weights, x, stats, *args(cfg), value_weights=values, **SHAPE)
     if update == "softmax":  # the update's own solve follows each mask solve, split alike
         assert ref[2]["update_attention_after"] < ref[2]["update_attention_before"]
         assert len(seen[1].device_set) == 1
@@ -194,11 +201,11 @@ def test_layers_solved_together_match_one_by_one(monkeypatch, devices, max_layer
     )
     problems = [layer_problem(seed) for seed in range(3)]
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
-    ref = [prune_qk_softmax(w, x, s, cfg, **SHAPE) for w, x, s in problems]
+    ref = [prune_qk_softmax(w, x, s, *args(cfg), **SHAPE) for w, x, s in problems]
     seen = recording(softmax_layers, monkeypatch)
     out = prune_qk_softmax_layers(
         *zip(*problems, strict=True),
-        cfg,
+        *args(cfg),
         devices=jax.devices()[:devices],
         max_layers=max_layers,
         **SHAPE,
@@ -253,18 +260,17 @@ def test_dense_layer_inputs_equal_each_layer_pruned_alone(monkeypatch):
 FOUR_DEVICES = """
 import json, os
 import jax, numpy as np
-from jaxprune import softmax_layers
-from jaxprune.pipeline import PruneConfig
-from jaxprune.softmax_layers import prune_qk_softmax_layers
-from jaxprune.softmax_prune import prune_qk_softmax
-from test_sharding import CFG, SHAPE, layer_problem
+from jaxprune.methods import softmax_layers
+from jaxprune.methods.softmax_layers import prune_qk_softmax_layers
+from jaxprune.methods.softmax_solve import prune_qk_softmax
+from test_sharding import CFG, SHAPE, args, layer_problem
 problems = [layer_problem(seed) for seed in range(2)]
 seen, solve = [], softmax_layers.solve_masks
 softmax_layers.solve_masks = lambda f, init, **kw: seen.append(init["q"].sharding) or solve(
     f, init, **kw)
-out = prune_qk_softmax_layers(*zip(*problems), CFG, **SHAPE)
+out = prune_qk_softmax_layers(*zip(*problems), *args(CFG), **SHAPE)
 os.environ["JAXPRUNE_DEVICES"] = "1"
-ref = [prune_qk_softmax(w, x, s, CFG, **SHAPE) for w, x, s in problems]
+ref = [prune_qk_softmax(w, x, s, *args(CFG), **SHAPE) for w, x, s in problems]
 print(json.dumps(dict(
     devices=len(jax.devices()),
     mesh={k: int(v) for k, v in seen[0].mesh.shape.items()},

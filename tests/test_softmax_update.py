@@ -8,7 +8,7 @@ from flax import nnx
 from tiny_run import tiny_config
 
 from jaxprune.config import from_dict, replace
-from jaxprune.model import Llama, projection_kernels
+from jaxprune.models.llama import Llama, projection_kernels
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
 
 TINY = tiny_config()

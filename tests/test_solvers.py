@@ -7,6 +7,7 @@ import pytest
 
 from jaxprune import objective
 from jaxprune.checkpoints import CheckpointError
+from jaxprune.models.spec import AttentionSpec
 from jaxprune.solvers import SolveDivergedError, smoothness_estimate, solve_mask, solve_masks
 
 
@@ -74,7 +75,7 @@ def test_pytree_of_masks_for_several_layers():
         "q": jnp.asarray(rng.normal(size=(L, d, h * dh)), jnp.float32),
         "k": jnp.asarray(rng.normal(size=(L, d, g * dh)), jnp.float32),
     }
-    kw = dict(lam=0.05, n_heads=h, n_kv_heads=g, rope_theta=1e4)
+    kw = dict(lam=0.05, spec=AttentionSpec(h, g, dh, 1e4))
     res = solve_masks(
         lambda m, d: objective.qk_pruning_loss_layers(m, *d, **kw),
         jax.tree.map(jnp.ones_like, weights),

@@ -43,7 +43,7 @@ TINY_FLAGS = [
 
 def tiny_config(**overrides):
     """The tests' tiny Llama shape (2 layers, 4 query and 2 key/value heads of 8, tied)."""
-    from jaxprune.model import LlamaConfig
+    from jaxprune.models.llama import LlamaConfig
 
     shape = dict(
         vocab_size=VOCAB,
@@ -67,7 +67,7 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from jaxprune.loaders.hf import write_hf_folder
-    from jaxprune.model import Llama
+    from jaxprune.models.llama import Llama
 
     config = tiny_config(num_layers=N_LAYERS)
     vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}

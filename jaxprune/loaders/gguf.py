@@ -33,15 +33,16 @@ import gguf
 import numpy as np
 from tokenizers import Tokenizer
 
-from jaxprune.model import LlamaConfig
+from jaxprune.errors import UserError
+from jaxprune.models.llama import LlamaConfig
 from jaxprune.tokenizer import tokenizer_from_gguf
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file cannot be read or does not describe a supported Llama model."""
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """The model file could not be downloaded, or its checksum is wrong."""
 
 

@@ -15,12 +15,13 @@ import safetensors
 import safetensors.numpy
 
 from jaxprune.loaders.params import tensors_from_model
-from jaxprune.model import Llama, LlamaConfig
+from jaxprune.models import FAMILIES
+from jaxprune.models.llama import Llama, LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# config.json model types whose architecture jaxprune.model.Llama implements exactly.
-MODEL_TYPES = ("llama",)
+# config.json model types whose architecture jaxprune.models.llama.Llama implements exactly.
+MODEL_TYPES = tuple(FAMILIES)
 
 
 class WeightFileError(OSError):

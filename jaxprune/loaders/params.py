@@ -1,4 +1,4 @@
-"""Hugging Face tensor names and layout <-> the parameters of :class:`jaxprune.model.Llama`.
+"""Hugging Face tensor names and layout <-> the parameters of :class:`jaxprune.models.llama.Llama`.
 
 One table maps each Hugging Face tensor name (PyTorch layout, linear weights ``(out, in)``) to a
 path in the model's NNX state and says how to transform it. Loading fills an abstract model built
@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprune.model import Llama, LlamaConfig
+from jaxprune.errors import UserError
+from jaxprune.models.llama import Llama, LlamaConfig
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UserError, ValueError):
     """The tensors do not fit the model; the message lists every problem found."""
 
     def __init__(self, problems: list[str]):

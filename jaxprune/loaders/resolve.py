@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxprune.loaders.hf import WeightFileError, read_hf_folder
 from jaxprune.loaders.params import model_from_tensors
-from jaxprune.model import Llama
+from jaxprune.models.llama import Llama
 
 # The project's default model (see PROTOCOL.md): SmolLM2-135M-Instruct from its GGUF file.
 DEFAULT_MODEL = "smollm2-135m"

@@ -1,7 +1,7 @@
 """The softmax-aware method on a real layer: masks on W_Q and W_K optimised against the attention
 probabilities (the factored objective), then rounded to the requested pattern.
 
-Choices (the ``softmax`` section of :class:`jaxprune.prune_config.PruneConfig`):
+Choices (:class:`jaxprune.methods.softmax.SoftmaxConfig`, the ``softmax`` section of a run):
   * the attention term is divided by its dense scale ``1/2 sum_h mean_b ||P_h||_F^2`` so one
     lambda fits every layer (``normalize``);
   * start from ``M = 1`` (the paper) or from Wanda's ordering as quantile ranks in ``[0, 1]``
@@ -38,8 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import sharding
-from jaxprune.baselines import InputStats, prune_matrix, sparsegpt_reconstruct, wanda_scores
-from jaxprune.masks import binarize, mask_scores
+from jaxprune.masks import binarize, mask_scores, parse_nm
+from jaxprune.methods import sparsegpt
+from jaxprune.methods.base import Request
+from jaxprune.methods.sparsegpt import sparsegpt_reconstruct
+from jaxprune.methods.stats import InputStats
+from jaxprune.methods.wanda import wanda_scores
+from jaxprune.models.spec import AttentionSpec
 from jaxprune.objective import (
     attention_output,
     head_values,
@@ -47,37 +52,25 @@ from jaxprune.objective import (
     qk_attention_term_blocked,
     qk_layer_probs,
     qk_pruning_loss,
-    relative_error,
 )
 from jaxprune.objective_vjp import qk_pruning_loss_vjp
 from jaxprune.solvers import solve_masks
 
 
-@partial(
-    jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "query_idx", "rope_scaling")
-)
-def _target(wq, wk, x, *, n_heads, n_kv_heads, rope_theta, query_idx, rope_scaling=None):
+@partial(jax.jit, static_argnames=("spec", "query_idx"))
+def _target(wq, wk, x, *, spec, query_idx):
     idx = None if query_idx is None else jnp.asarray(query_idx)
-    probs = qk_layer_probs(
-        wq,
-        wk,
-        x,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        rope_theta=rope_theta,
-        query_idx=idx,
-        rope_scaling=rope_scaling,
-    )
+    probs = qk_layer_probs(wq, wk, x, spec=spec, query_idx=idx)
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
-def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_block, shape_kw):
+def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_block, spec_kw):
     """The mask solve's loss of one layer, ``(loss, aux)``: the attention term over ``scale``
     plus ``lam/2`` times the sum of ``M^2`` over ``n_entries`` (the direct form with the dense
     ``target``, the output form with ``values``, or the row-blocked form when ``row_block`` is
     set)."""
     if row_block is not None:
-        attn = _blocked_term(m, w, x, row_block, shape_kw)[0] / scale
+        attn = _blocked_term(m, w, x, row_block, spec_kw)[0] / scale
         reg = mask_regulariser(m, lam, n_entries)
         return attn + reg, {"attention": attn, "reg": reg}
     return _layer_loss(
@@ -90,7 +83,7 @@ def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_
         attn_scale=scale,
         reg_scale=n_entries,
         query_idx=query_idx,
-        **shape_kw,
+        **spec_kw,
     )
 
 
@@ -105,13 +98,12 @@ def _layer_loss(m, w, x, values, **kw):
 @functools.cache
 def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
     """The mask solve's loss ``(masks, (weights, x, target, scale, values)) -> (loss, aux)``, one
-    object
-    per setting so that the solver's compilations are shared by every layer."""
+    object per setting so that the solver's compilations are shared by every layer."""
     kw = dict(
         n_entries=n_entries,
         query_idx=None if query_idx is None else jnp.asarray(query_idx),
         row_block=row_block,
-        shape_kw=dict(shape),
+        spec_kw=dict(shape),
     )
 
     def loss_fn(m, data):
@@ -125,7 +117,7 @@ def _update_loss(query_idx, shape, row_block=None):
     """The weight update's loss ``(u, (start, keep, rms, x, target, scale, values, dense)) ->
     (loss, aux)``: the kept weights are ``start + rms * u``, compared with the dense target
     (the row-blocked attention term against the ``dense`` kernels when ``row_block`` is set)."""
-    shape_kw = dict(shape)
+    spec_kw = dict(shape)
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
     def loss_fn(u, data):
@@ -133,67 +125,25 @@ def _update_loss(query_idx, shape, row_block=None):
         moved = {k: w[k] + s[k] * u[k] for k in w}
         if row_block is not None:
             term = qk_attention_term_blocked(
-                kf, moved, xx, row_block=row_block, dense_weights=dense, **shape_kw
+                kf, moved, xx, row_block=row_block, dense_weights=dense, **spec_kw
             )[0]
             attn = term / sc
             return attn, {"attention": attn, "reg": jnp.zeros_like(attn)}
         return _layer_loss(
-            kf, moved, xx, vals, lam=0.0, target=t, attn_scale=sc, query_idx=idx, **shape_kw
+            kf, moved, xx, vals, lam=0.0, target=t, attn_scale=sc, query_idx=idx, **spec_kw
         )
 
     return loss_fn
 
 
-def _blocked_term(masks, weights, x, row_block, shape_kw):
-    return qk_attention_term_blocked(masks, weights, x, row_block=row_block, **shape_kw)
-
-
-@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
-def attention_error(
-    wq, wk, wq_new, wk_new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None
-):
-    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences (``rope_scaling``: the
-    model's Llama 3 RoPE scaling or ``None``, as in :func:`jaxprune.objective.qk_layer_probs`)."""
-    kw = dict(
-        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
-    )
-    return relative_error(qk_layer_probs(wq_new, wk_new, x, **kw), qk_layer_probs(wq, wk, x, **kw))
+def _blocked_term(masks, weights, x, row_block, spec_kw):
+    return qk_attention_term_blocked(masks, weights, x, row_block=row_block, **spec_kw)
 
 
 @jax.jit
 def _output_scale(target, values):
     out = attention_output(target, *values)
     return 0.5 * jnp.mean(jnp.sum(out * out, axis=(-2, -1)))
-
-
-@partial(jax.jit, static_argnames=("n_heads", "n_kv_heads", "rope_theta", "rope_scaling"))
-def layer_errors(dense, new, x, *, n_heads, n_kv_heads, rope_theta, rope_scaling=None):
-    """The relative attention error ``||P(new) - P||_F / ||P||_F`` (averaged over heads and
-    sequences, as :func:`attention_error`) and output error ``||O(new) - O||_F / ||O||_F`` of the
-    attention block's output ``O = sum_h P_h V_h O_h`` (before the residual, averaged over
-    sequences), each layer's probabilities computed once for both.
-
-    Args:
-      dense, new: ``{"q", "k", "v", "o"}`` kernels (input-major) before and after pruning.
-      x: attention input ``(b, n, d)``.
-      n_heads, n_kv_heads, rope_theta, rope_scaling: the layer's attention shape.
-
-    Returns:
-      ``(attention error, output error)``.
-    """
-    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads)
-    rkw = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, **kw)
-    probs = {
-        k: qk_layer_probs(w["q"], w["k"], x, **rkw) for k, w in (("dense", dense), ("new", new))
-    }
-    outs = {
-        k: attention_output(probs[k], *head_values(w["v"], w["o"], x, **kw))
-        for k, w in (("dense", dense), ("new", new))
-    }
-    return (
-        relative_error(probs["new"], probs["dense"]),
-        relative_error(outs["new"], outs["dense"]),
-    )
 
 
 def wanda_ranks(w, stats: InputStats, group: str = "output"):
@@ -213,12 +163,10 @@ def prune_qk_softmax(
     weights,
     x,
     stats,
-    cfg,
+    request: Request,
+    opts,
     *,
-    n_heads,
-    n_kv_heads,
-    rope_theta,
-    rope_scaling=None,
+    spec: AttentionSpec,
     value_weights=None,
     progress=True,
     desc="softmax",
@@ -229,9 +177,9 @@ def prune_qk_softmax(
       weights: ``{"q": (d, h*dh), "k": (d, g*dh)}`` dense kernels.
       x: attention inputs of the calibration subset ``(b, n, d)``.
       stats: ``InputStats`` of the layer's attention input (Wanda init and SparseGPT update).
-      cfg: a ``PruneConfig`` (its ``softmax`` section, seed, sparsity, pattern and group).
-      n_heads, n_kv_heads, rope_theta: the layer's attention shape.
-      rope_scaling: the model's Llama 3 RoPE scaling (``LlamaConfig.rope_scaling``) or ``None``.
+      request: the run's request (seed, sparsity, pattern, group and the other sections).
+      opts: the ``softmax`` section (:class:`jaxprune.methods.softmax.SoftmaxConfig`).
+      spec: the layer's attention.
       value_weights: ``{"v", "o"}`` dense kernels of the layer, needed by ``term="output"``.
       progress: show the solver's progress bar.
       desc: progress-bar label.
@@ -241,41 +189,41 @@ def prune_qk_softmax(
       and per-layer facts (lambda, mask mean, losses, seconds).
     """
     start = time.perf_counter()
-    shape_kw = dict(
-        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
-    )
-    setup = solve_setup(weights, x, stats, cfg, shape_kw, value_weights)
-    if cfg.softmax_mask == "sparsegpt":
-        return _from_sparsegpt(weights, x, stats, cfg, setup, shape_kw, progress, desc, start)
+    spec_kw = dict(spec=spec)
+    setup = solve_setup(weights, x, stats, request, opts, spec_kw, value_weights)
+    if mask_source(request, opts) == "sparsegpt":
+        return _from_sparsegpt(
+            weights, x, stats, request, opts, setup, spec_kw, progress, desc, start
+        )
     # One loss function object per setting (cached), so every layer reuses the compiled solver.
     loss_of = partial(
         _mask_loss,
         n_entries=setup.n_entries,
         query_idx=setup.query_idx,
-        row_block=cfg.softmax.row_block,
-        shape=tuple(sorted(shape_kw.items())),
+        row_block=opts.row_block,
+        shape=tuple(sorted(spec_kw.items())),
     )
     # Several devices: the solve's arrays are split over key/value groups (jaxprune.sharding).
-    mesh = sharding.solve_mesh(n_kv_heads)
+    mesh = sharding.solve_mesh(spec.n_kv_heads)
     init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
-    solve_kw = dict(data=data, progress=progress, **solve_options(cfg))
+    solve_kw = dict(data=data, progress=progress, **solve_options(opts))
 
-    lam, searched = cfg.softmax.lam, {}
-    if cfg.softmax.lam_search:
-        for cand in cfg.softmax.lam_grid:
+    lam, searched = opts.lam, {}
+    if opts.lam_search:
+        for cand in opts.lam_grid:
             res = solve_masks(
                 loss_of(lam=cand),
                 init,
-                steps=cfg.softmax.search_steps,
+                steps=opts.search_steps,
                 desc=f"{desc} lam={cand:g}",
                 **solve_kw,
             )
             searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
-        lam = min(searched, key=lambda c: abs(searched[c] - keep_fraction(cfg)))
-    res = solve_masks(loss_of(lam=lam), init, steps=cfg.softmax.steps, desc=desc, **solve_kw)
+        lam = min(searched, key=lambda c: abs(searched[c] - request.keep_fraction))
+    res = solve_masks(loss_of(lam=lam), init, steps=opts.steps, desc=desc, **solve_kw)
     masks = res.masks if mesh is None else sharding.gather(res.masks)
     new, keep, update_info = round_and_update(
-        masks, weights, x, stats, cfg, setup, shape_kw, progress=progress, desc=desc
+        masks, weights, x, stats, request, opts, setup, spec_kw, progress=progress, desc=desc
     )
     info = dict(
         lam=lam,
@@ -290,26 +238,21 @@ def prune_qk_softmax(
     return new, keep, info
 
 
-def _from_sparsegpt(weights, x, stats, cfg, setup, shape_kw, progress, desc, start):
+def _from_sparsegpt(weights, x, stats, request, opts, setup, spec_kw, progress, desc, start):
     """``softmax.mask=sparsegpt``: SparseGPT's masks and weights (its authors' rules for the
     pattern), then the softmax-aware update from those weights; no mask solve."""
     pruned, keep = {}, {}
+    # SparseGPT's own comparison group and options (its section of the run).
+    baseline = request.replace(group=None)
+    options = request.options_of(sparsegpt.METHOD)
     for k, w in weights.items():
-        pruned[k], keep[k] = prune_matrix(
-            "sparsegpt",
-            w,
-            stats,
-            sparsity=cfg.sparsity_or_none,
-            pattern=cfg.pattern,
-            blocksize=cfg.sparsegpt.blocksize,
-            percdamp=cfg.sparsegpt.percdamp,
-        )
+        pruned[k], keep[k] = sparsegpt.prune_matrix(w, stats, baseline, options)
     new, update_info = _softmax_update(
-        weights, keep, x, cfg, setup, shape_kw, progress, desc, start=pruned
+        weights, keep, x, request, opts, setup, spec_kw, progress, desc, start=pruned
     )
     before, after = update_info["update_attention_before"], update_info["update_attention_after"]
     info = dict(
-        lam=cfg.softmax.lam,
+        lam=opts.lam,
         lam_search={},
         mask_mean=float(np.mean([float(jnp.mean(m)) for m in keep.values()])),
         initial_loss=before,
@@ -339,110 +282,116 @@ class SolveSetup:
     n_entries: float
 
 
-def solve_setup(weights, x, stats, cfg, shape_kw, value_weights=None) -> SolveSetup:
+def solve_setup(weights, x, stats, request, opts, spec_kw, value_weights=None) -> SolveSetup:
     """The start point and loss data of one layer's mask solve (arguments as in
-    :func:`prune_qk_softmax`; ``shape_kw`` holds the layer's attention shape)."""
+    :func:`prune_qk_softmax`; ``spec_kw`` holds the layer's attention shape)."""
     n = x.shape[1]
     query_idx = None
-    if cfg.softmax.query_rows and cfg.softmax.query_rows < n:
-        rng = np.random.default_rng(cfg.seed)
-        query_idx = tuple(
-            int(i) for i in np.sort(rng.choice(n, cfg.softmax.query_rows, replace=False))
-        )
-    blocked = cfg.softmax.row_block is not None
+    if opts.query_rows and opts.query_rows < n:
+        rng = np.random.default_rng(request.seed)
+        query_idx = tuple(int(i) for i in np.sort(rng.choice(n, opts.query_rows, replace=False)))
+    blocked = opts.row_block is not None
     if blocked and query_idx is not None:
         raise ValueError(
             "softmax.row_block and softmax.query_rows exclude each other: set one of them."
         )
-    if blocked and cfg.softmax.term == "output":
+    if blocked and opts.term == "output":
         raise ValueError(
             "softmax.term=output needs the direct attention term: unset softmax.row_block."
         )
     values = None
-    if cfg.softmax.term == "output":
+    if opts.term == "output":
         if value_weights is None:
             raise ValueError("term=output needs the layer's v and o kernels (value_weights).")
-        values = head_values(
-            value_weights["v"],
-            value_weights["o"],
-            x,
-            n_heads=shape_kw["n_heads"],
-            n_kv_heads=shape_kw["n_kv_heads"],
-        )
+        values = head_values(value_weights["v"], value_weights["o"], x, **spec_kw)
     if blocked:
         # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
         ones = {k: jnp.ones_like(w) for k, w in weights.items()}
         target = None
-        dense_scale = _blocked_term(ones, weights, x, cfg.softmax.row_block, shape_kw)[1]
+        dense_scale = _blocked_term(ones, weights, x, opts.row_block, spec_kw)[1]
     else:
-        target, dense_scale = _target(
-            weights["q"], weights["k"], x, query_idx=query_idx, **shape_kw
-        )
+        target, dense_scale = _target(weights["q"], weights["k"], x, query_idx=query_idx, **spec_kw)
     if values is not None:
         dense_scale = _output_scale(target, values)
-    scale = dense_scale if cfg.softmax.normalize else jnp.ones(())
+    scale = dense_scale if opts.normalize else jnp.ones(())
 
     # With normalize, the attention term is relative to its dense value and the regulariser is
     # the mean of M^2, so lam trades the two at the same scale in every layer and model.
-    n_entries = sum(w.size for w in weights.values()) if cfg.softmax.normalize else 1.0
+    n_entries = sum(w.size for w in weights.values()) if opts.normalize else 1.0
 
-    group = cfg.group_or_default
-    if cfg.softmax_mask != "solve":
+    group = mask_group(request)
+    if mask_source(request, opts) != "solve":
         init = None  # no mask solve: the mask comes from elsewhere
-    elif cfg.softmax.init == "wanda":
+    elif opts.init == "wanda":
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
     return SolveSetup(init, (weights, x, target, scale, values), query_idx, n_entries)
 
 
-def solve_options(cfg) -> dict:
+def solve_options(opts) -> dict:
     """The :func:`jaxprune.solvers.solve_masks` options of the mask solve."""
     options = dict(
-        optimizer=cfg.softmax.optimizer,
-        step_size=cfg.softmax.lr,
-        schedule=cfg.softmax.schedule,
+        optimizer=opts.optimizer,
+        step_size=opts.lr,
+        schedule=opts.schedule,
         project=True,
-        chunk_steps=min(cfg.softmax.steps, 25),
+        chunk_steps=min(opts.steps, 25),
     )
-    if cfg.softmax.optimizer == "gd" and cfg.softmax.lr <= 0:
+    if opts.optimizer == "gd" and opts.lr <= 0:
         options["step_size"] = None
     return options
 
 
-def keep_fraction(cfg) -> float:
-    """The fraction of entries the rounding keeps."""
-    return 1.0 - (cfg.sparsity if ":" not in cfg.pattern else _nm_sparsity(cfg.pattern))
+def mask_group(request: Request) -> str:
+    """The rounding's comparison group: the request's, or per matrix (the default)."""
+    return request.group or "matrix"
 
 
-def round_and_update(masks, weights, x, stats, cfg, setup, shape_kw, *, progress, desc):
-    """Rounds solved masks to the pattern and applies the weight update of ``cfg.softmax.update``.
+def mask_source(request: Request, opts) -> str:
+    """Where the mask comes from (:func:`resolve_mask` of the run's settings)."""
+    return resolve_mask(opts.mask, request.pattern, opts.update)
+
+
+def resolve_mask(mask: str, pattern: str, update: str) -> str:
+    """``softmax.mask`` with ``auto`` resolved to the best measured choice on the full protocol:
+    SparseGPT's mask at N:M patterns with the softmax update (it beats the solved mask at 2:4),
+    the solved mask otherwise (it wins at 50% unstructured)."""
+    if mask != "auto":
+        return mask
+    return "sparsegpt" if parse_nm(pattern) is not None and update == "softmax" else "solve"
+
+
+def round_and_update(masks, weights, x, stats, request, opts, setup, spec_kw, *, progress, desc):
+    """Rounds solved masks to the pattern and applies the weight update of ``opts.update``.
 
     Returns:
       ``(new_kernels, keep, update_info)``.
     """
-    group = cfg.group_or_default
+    group = mask_group(request)
     keep, new = {}, {}
     for k, w in weights.items():
         # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
         # (a second sort key, so it never reorders distinct mask values).
-        tiebreak = wanda_scores(w, stats) if cfg.softmax.tiebreak else None
-        scores = mask_scores(masks[k], w, cfg.softmax.score)
+        tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
+        scores = mask_scores(masks[k], w, opts.score)
         keep[k] = binarize(
-            scores, cfg.sparsity_or_none, cfg.pattern, group=group, tiebreak=tiebreak
+            scores, request.sparsity, request.pattern, group=group, tiebreak=tiebreak
         )
         new[k] = (
             sparsegpt_reconstruct(w, stats, keep[k])
-            if cfg.softmax.update == "sparsegpt"
+            if opts.update == "sparsegpt"
             else jnp.where(keep[k], w, 0)
         )
     update_info = {}
-    if cfg.softmax.update == "softmax":
-        new, update_info = _softmax_update(weights, keep, x, cfg, setup, shape_kw, progress, desc)
+    if opts.update == "softmax":
+        new, update_info = _softmax_update(
+            weights, keep, x, request, opts, setup, spec_kw, progress, desc
+        )
     return new, keep, update_info
 
 
-def _softmax_update(weights, keep, x, cfg, setup, shape_kw, progress, desc, start=None):
+def _softmax_update(weights, keep, x, request, opts, setup, spec_kw, progress, desc, start=None):
     """:func:`reconstruct_qk_softmax` with the solve's dense target and the config's settings."""
     _, _, target, scale, values = setup.data
     return reconstruct_qk_softmax(
@@ -453,13 +402,13 @@ def _softmax_update(weights, keep, x, cfg, setup, shape_kw, progress, desc, star
         attn_scale=scale,
         query_idx=setup.query_idx,
         values=values,
-        row_block=cfg.softmax.row_block,
+        row_block=opts.row_block,
         start=start,
-        steps=cfg.softmax.update_steps,
-        lr=cfg.softmax.update_lr,
+        steps=opts.update_steps,
+        lr=opts.update_lr,
         progress=progress,
         desc=f"{desc} update",
-        **shape_kw,
+        **spec_kw,
     )
 
 
@@ -472,10 +421,7 @@ def reconstruct_qk_softmax(
     attn_scale,
     steps,
     lr,
-    n_heads,
-    n_kv_heads,
-    rope_theta,
-    rope_scaling=None,
+    spec: AttentionSpec,
     query_idx=None,
     values=None,
     row_block=None,
@@ -497,8 +443,8 @@ def reconstruct_qk_softmax(
       attn_scale: the attention term's divisor (its dense scale with ``normalize``).
       steps: Adam steps.
       lr: Adam learning rate on ``U`` (relative to the weight RMS).
-      n_heads, n_kv_heads, rope_theta, rope_scaling, query_idx, values: the layer's attention
-        shape and the output form's values, as in :func:`jaxprune.objective.qk_pruning_loss`.
+      spec, query_idx, values: the layer's attention, the sampled query rows and the output
+        form's values, as in :func:`jaxprune.objective.qk_pruning_loss`.
       row_block: compute the attention term over blocks of this many query rows
         (:func:`jaxprune.objective.qk_attention_term_blocked`; ``target`` is then unused).
       start: kernels the update starts from (default ``weights`` under ``keep``; SparseGPT's
@@ -508,14 +454,12 @@ def reconstruct_qk_softmax(
     Returns:
       ``(new_kernels, info)`` with the attention term before and after the update.
     """
-    shape_kw = dict(
-        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
-    )
+    spec_kw = dict(spec=spec)
     keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
     rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
     start = weights if start is None else start
     # Several devices: split by key/value group like the mask solve (jaxprune.sharding).
-    mesh = sharding.solve_mesh(n_kv_heads)
+    mesh = sharding.solve_mesh(spec.n_kv_heads)
     place = partial(sharding.place, mesh)
     data = (
         place(start, "kernel"),
@@ -528,7 +472,7 @@ def reconstruct_qk_softmax(
         place(weights, "kernel"),
     )
     res = solve_masks(
-        _update_loss(query_idx, tuple(sorted(shape_kw.items())), row_block),
+        _update_loss(query_idx, tuple(sorted(spec_kw.items())), row_block),
         place({k: jnp.zeros_like(w) for k, w in weights.items()}, "kernel"),
         steps=steps,
         data=data,
@@ -546,8 +490,3 @@ def reconstruct_qk_softmax(
         update_attention_after=float(res.final_loss),
     )
     return new, info
-
-
-def _nm_sparsity(pattern: str) -> float:
-    n, m = (int(v) for v in pattern.split(":"))
-    return 1.0 - n / m

@@ -27,6 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
+from jaxprune.models.spec import AttentionSpec
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
 # Names of the projections that pruning may touch, in the order a layer applies them.
@@ -89,6 +90,24 @@ class LlamaConfig:
                 "LlamaConfig.rope_scaling must be a jaxprune.rope.Llama3RopeScaling or None, got "
                 f"{self.rope_scaling!r}; use LlamaConfig.from_hf_config to read a config.json dict."
             )
+
+    def projection_inputs(self) -> dict[str, int]:
+        """Inputs of each prunable projection (the axis N:M groups and SparseGPT blocks run
+        along)."""
+        dims = dict.fromkeys(("q", "k", "v", "gate", "up"), self.hidden_size)
+        return dims | {"o": self.num_heads * self.head_dim, "down": self.intermediate_size}
+
+    def attention_spec(self, layer: int) -> AttentionSpec:
+        """The attention of decoder layer ``layer`` as pruning code recomputes it (the same in
+        every layer of a Llama)."""
+        del layer  # every Llama layer attends alike
+        return AttentionSpec(
+            n_heads=self.num_heads,
+            n_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+        )
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> LlamaConfig:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from jaxprune.baselines.stats import InputStats, check_matrix
 from jaxprune.masks import binarize, parse_nm
+from jaxprune.methods.base import Method, Request, per_matrix
+from jaxprune.methods.stats import InputStats, check_matrix
 
 # Comparison groups for unstructured sparsity; the first is the authors' default.
 GROUPS = ("output", "matrix")
@@ -56,3 +58,24 @@ def wanda_prune(
         sparsity = math.floor(sparsity * d_in) / d_in if 0.0 <= sparsity < 1.0 else sparsity
     keep = binarize(wanda_scores(w, stats), sparsity, pattern, group=group)
     return jnp.where(keep, w, jnp.zeros_like(w)), keep
+
+
+_jitted = jax.jit(wanda_prune, static_argnames=("sparsity", "pattern", "group"))
+
+
+def prune_matrix(w, stats: InputStats | None, request: Request, options=None):
+    """The plug-in's one-matrix rule: :func:`wanda_prune` in the request's group."""
+    del options
+    if stats is None:
+        raise ValueError("method 'wanda' needs calibration statistics (see update_stats).")
+    group = request.group or GROUPS[0]
+    return _jitted(w, stats, sparsity=request.sparsity, pattern=request.pattern, group=group)
+
+
+METHOD = Method(
+    name="wanda",
+    prune=per_matrix(prune_matrix),
+    description="Wanda (Sun et al. 2024): |W| times the input norm, lowest pruned per output",
+    groups=GROUPS,
+    prune_matrix=prune_matrix,
+)

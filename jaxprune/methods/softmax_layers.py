@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import sharding
-from jaxprune.softmax_prune import (
-    keep_fraction,
+from jaxprune.methods.base import Request
+from jaxprune.methods.softmax_solve import (
     mask_loss,
+    mask_source,
     prune_qk_softmax,
     round_and_update,
     solve_options,
@@ -51,7 +52,7 @@ def _stacked_loss(*, n_entries, query_idx, row_block, shape):
         n_entries=n_entries,
         query_idx=None if query_idx is None else jnp.asarray(query_idx),
         row_block=row_block,
-        shape_kw=dict(shape),
+        spec_kw=dict(shape),
     )
     per_layer = jax.vmap(lambda m, data: mask_loss(m, *data, **kw))
 
@@ -83,12 +84,10 @@ def prune_qk_softmax_layers(
     weights,
     xs,
     stats,
-    cfg,
+    request: Request,
+    opts,
     *,
-    n_heads,
-    n_kv_heads,
-    rope_theta,
-    rope_scaling=None,
+    spec,
     value_weights=None,
     devices=None,
     max_layers=None,
@@ -101,8 +100,8 @@ def prune_qk_softmax_layers(
       weights: one ``{"q": (d, h*dh), "k": (d, g*dh)}`` dict of dense kernels per layer.
       xs: each layer's calibration attention inputs ``(b, n, d)`` (the same shape for all).
       stats: each layer's ``InputStats`` of its attention input.
-      cfg: a ``PruneConfig``.
-      n_heads, n_kv_heads, rope_theta, rope_scaling: the layers' attention shape.
+      request, opts: the run's request and its ``softmax`` section.
+      spec: the layers' attention (the same for all).
       value_weights: one ``{"v", "o"}`` dict of dense kernels per layer (``term="output"``).
       devices: the devices to spread the layers over (default :func:`sharding.solve_devices`).
       max_layers: most layers per batch (default :func:`layers_per_batch`, from memory).
@@ -114,38 +113,40 @@ def prune_qk_softmax_layers(
       at the start and the returned masks; ``solve_seconds`` is the batch's time over its layers
       and ``batch_layers`` the number of layers solved together.
     """
-    shape_kw = dict(
-        n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling
-    )
+    spec_kw = dict(spec=spec)
     values = value_weights or [None] * len(weights)
     layers = list(zip(weights, xs, stats, values, strict=True))
-    one = partial(prune_qk_softmax, cfg=cfg, progress=progress, desc=desc, **shape_kw)
+    one = partial(
+        prune_qk_softmax, request=request, opts=opts, progress=progress, desc=desc, **spec_kw
+    )
     if (
-        cfg.softmax.optimizer == "gd"
-        or cfg.softmax_mask != "solve"
+        opts.optimizer == "gd"
+        or mask_source(request, opts) != "solve"
         or len({x.shape for x in xs}) > 1
     ):
         return [one(w, x, s, value_weights=v) for w, x, s, v in layers]
-    setups = [solve_setup(w, x, s, cfg, shape_kw, v) for w, x, s, v in layers]
+    setups = [solve_setup(w, x, s, request, opts, spec_kw, v) for w, x, s, v in layers]
     devices = sharding.solve_devices() if devices is None else list(devices)
-    mesh = sharding.solve_mesh(n_kv_heads, len(setups), devices)
+    mesh = sharding.solve_mesh(spec.n_kv_heads, len(setups), devices)
     split = 1 if mesh is None else mesh.shape[sharding.LAYERS]
-    size = max_layers or layers_per_batch(setups[0], n_heads, cfg.softmax.row_block, split)
+    size = max_layers or layers_per_batch(setups[0], spec.n_heads, opts.row_block, split)
     size = max(split, size // split * split)
     out = []
     for lo in range(0, len(setups), size):
         batch = setups[lo : lo + size]
-        solved = _solve_batch(batch, cfg, shape_kw, mesh, progress, f"{desc} x{len(batch)}")
+        solved = _solve_batch(
+            batch, request, opts, spec_kw, mesh, progress, f"{desc} x{len(batch)}"
+        )
         for i, (masks, info) in enumerate(solved):
             w, x, s = weights[lo + i], xs[lo + i], stats[lo + i]
             new, keep, update_info = round_and_update(
-                masks, w, x, s, cfg, batch[i], shape_kw, progress=progress, desc=desc
+                masks, w, x, s, request, opts, batch[i], spec_kw, progress=progress, desc=desc
             )
             out.append((new, keep, info | update_info))
     return out
 
 
-def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
+def _solve_batch(setups, request, opts, spec_kw, mesh, progress, desc):
     """The stacked solve of a batch of layers: ``[(masks, info)]`` per layer."""
     start = time.perf_counter()
     n = len(setups)
@@ -155,8 +156,8 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
     loss_fn, per_layer = _stacked_loss(
         n_entries=padded[0].n_entries,
         query_idx=padded[0].query_idx,
-        row_block=cfg.softmax.row_block,
-        shape=tuple(sorted(shape_kw.items())),
+        row_block=opts.row_block,
+        shape=tuple(sorted(spec_kw.items())),
     )
     init = _stack([s.init for s in padded])
     weights, x, target, scale, values = (
@@ -170,7 +171,7 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
             mesh, init, (weights, x, target, scale, values, lam), stacked=True
         )
         res = solve_masks(
-            loss_fn, m, data=data, steps=steps, progress=progress, desc=label, **solve_options(cfg)
+            loss_fn, m, data=data, steps=steps, progress=progress, desc=label, **solve_options(opts)
         )
         return res, m, data
 
@@ -178,17 +179,15 @@ def _solve_batch(setups, cfg, shape_kw, mesh, progress, desc):
         means = [np.asarray(jnp.mean(v, axis=tuple(range(1, v.ndim)))) for v in masks.values()]
         return np.mean(means, axis=0)
 
-    lams, searched = np.full(len(padded), cfg.softmax.lam), [{} for _ in padded]
-    if cfg.softmax.lam_search:
-        for cand in cfg.softmax.lam_grid:
-            res, _, _ = solve(
-                np.full(len(padded), cand), cfg.softmax.search_steps, f"{desc} lam={cand:g}"
-            )
+    lams, searched = np.full(len(padded), opts.lam), [{} for _ in padded]
+    if opts.lam_search:
+        for cand in opts.lam_grid:
+            res, _, _ = solve(np.full(len(padded), cand), opts.search_steps, f"{desc} lam={cand:g}")
             for i, mean in enumerate(mask_means(res.masks)):
                 searched[i][cand] = float(mean)
-        want = keep_fraction(cfg)
+        want = request.keep_fraction
         lams = np.array([min(s, key=lambda c, s=s: abs(s[c] - want)) for s in searched])
-    res, placed_init, data = solve(lams, cfg.softmax.steps, desc)
+    res, placed_init, data = solve(lams, opts.steps, desc)
     first = per_layer(placed_init, data)[0]
     last, last_aux = per_layer(res.masks, data)
     masks = res.masks if mesh is None else sharding.gather(res.masks)

@@ -6,13 +6,17 @@ In our input-major layout SparseGPT's "input columns", processed left to right, 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import field
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from jaxprune.baselines.stats import HIGHEST, InputStats, check_matrix
 from jaxprune.masks import binarize, parse_nm
+from jaxprune.methods.base import Method, Request, per_matrix
+from jaxprune.methods.stats import HIGHEST, InputStats, check_matrix
 
 
 def _hinv_upper(
@@ -226,3 +230,58 @@ def sparsegpt_reconstruct(
         raise ValueError(f"keep has shape {keep.shape}, w has shape {w.shape}: they must match.")
     q, _ = _sparsegpt(w, stats, keep.astype(bool), None, None, blocksize, percdamp)
     return q.astype(w.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT (method sparsegpt, or the matrices another method hands to it)."""
+
+    # Inputs per block of the OBS updates.
+    blocksize: int = field(default=128, metadata={"range": (1, 65536)})
+    # Dampening added to the Hessian's diagonal, relative to its mean.
+    percdamp: float = field(default=0.01, metadata={"range": (0.0, 10.0)})
+
+
+_jitted = jax.jit(
+    sparsegpt_prune, static_argnames=("sparsity", "pattern", "group", "blocksize", "percdamp")
+)
+
+
+def prune_matrix(w, stats: InputStats | None, request: Request, options: SparseGPTConfig | None):
+    """The plug-in's one-matrix rule: :func:`sparsegpt_prune` with the section's options."""
+    if stats is None:
+        raise ValueError("method 'sparsegpt' needs calibration statistics (see update_stats).")
+    options = options or SparseGPTConfig()
+    return _jitted(
+        w,
+        stats,
+        sparsity=request.sparsity,
+        pattern=request.pattern,
+        group=request.group or GROUPS[0],
+        blocksize=options.blocksize,
+        percdamp=options.percdamp,
+    )
+
+
+def check(request: Request, options: SparseGPTConfig, input_dims) -> None:
+    """Refuses a block size that would split the N:M groups of a pruned matrix."""
+    nm = parse_nm(request.pattern)
+    if nm is None or options.blocksize % nm[1] == 0:
+        return
+    if any(options.blocksize < input_dims[t] for t in request.targets):
+        raise ValueError(
+            f"sparsegpt.blocksize={options.blocksize} is not a multiple of M={nm[1]} (pattern "
+            f"{request.pattern}); SparseGPT's blocks would split N:M groups: use a multiple of "
+            f"{nm[1]}."
+        )
+
+
+METHOD = Method(
+    name="sparsegpt",
+    prune=per_matrix(prune_matrix),
+    description="SparseGPT (Frantar & Alistarh 2023): OBS masks and weight updates per block",
+    section=SparseGPTConfig,
+    groups=GROUPS,
+    check=check,
+    prune_matrix=prune_matrix,
+)

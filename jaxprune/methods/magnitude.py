@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from jaxprune.baselines.stats import check_matrix
 from jaxprune.masks import binarize
+from jaxprune.methods.base import Method, Request, per_matrix
+from jaxprune.methods.stats import check_matrix
 
 # Comparison groups for unstructured sparsity; the first is the default (one threshold per
 # matrix, as in the magnitude baseline of locuslab/wanda).
@@ -36,3 +38,22 @@ def magnitude_prune(
         raise ValueError(f"magnitude group={group!r}: use one of {GROUPS}.")
     keep = binarize(jnp.abs(w), sparsity, pattern, group=group)
     return jnp.where(keep, w, jnp.zeros_like(w)), keep
+
+
+_jitted = jax.jit(magnitude_prune, static_argnames=("sparsity", "pattern", "group"))
+
+
+def prune_matrix(w, stats, request: Request, options=None):
+    """The plug-in's one-matrix rule (no statistics needed)."""
+    del stats, options
+    group = request.group or GROUPS[0]
+    return _jitted(w, sparsity=request.sparsity, pattern=request.pattern, group=group)
+
+
+METHOD = Method(
+    name="magnitude",
+    prune=per_matrix(prune_matrix),
+    description="smallest |W| pruned, one threshold per matrix (the magnitude baseline)",
+    groups=GROUPS,
+    prune_matrix=prune_matrix,
+)
