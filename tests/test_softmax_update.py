@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_run import tiny_config
+from tiny_run import TINY_FLAGS, jaxprune, tiny_config, write_tiny_data, write_tiny_model
 
 from jaxprune.config import from_dict, replace
 from jaxprune.models.llama import Llama, projection_kernels
@@ -93,3 +93,53 @@ def test_sparsegpt_mask_then_softmax_update_keeps_sparsegpts_mask_and_lowers_its
 def test_sparsegpt_mask_without_the_softmax_update_is_refused():
     with pytest.raises(ValueError, match="is SparseGPT itself: use --method sparsegpt"):
         replace(CFG, softmax={"mask": "sparsegpt", "update": "none"})
+
+
+def test_an_update_that_raises_the_attention_term_is_rolled_back():
+    """A runaway update (a learning rate far too large) is refused: the rounded weights stay,
+    the layer's facts say what the update reached, and a warning names the flag."""
+    _, w_plain = run("none")
+    model = Llama(TINY, rngs=nnx.Rngs(5))
+    tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
+    cfg = replace(CFG, softmax={"update": "softmax", "update_lr": 1e9}, layers=[0])
+    report = prune_model(model, calibration_chunks(tokens, 2), [], cfg)
+    w_new = {k: np.asarray(v[...]) for k, v in projection_kernels(model.layers[0]).items()}
+    info = report["layers"][0]
+    assert info["update_attention_rejected"] > info["update_attention_before"]
+    assert info["update_attention_after"] == info["update_attention_before"]
+    for name in ("q", "k"):
+        np.testing.assert_array_equal(w_new[name], w_plain[name])
+    (warning,) = [w for w in info["warnings"] if "rolled back" in w]
+    assert warning.startswith("layer 0: the weight update raised the attention term")
+    assert "--softmax.update-lr (now 1e+09)" in warning
+
+
+def test_a_solve_that_never_moves_is_warned_about():
+    model = Llama(TINY, rngs=nnx.Rngs(5))
+    tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
+    cfg = replace(
+        CFG, softmax={"update": "none", "optimizer": "gd", "lr": 1e9, "steps": 10}, layers=[0]
+    )
+    info = prune_model(model, calibration_chunks(tokens, 2), [], cfg)["layers"][0]
+    assert info["final_loss"] == info["initial_loss"]
+    (warning,) = [w for w in info["warnings"] if "never moved" in w]
+    assert "--softmax.lr (now 1e+09)" in warning
+    # A solve that moves is not warned about.
+    moved = prune_model(
+        Llama(TINY, rngs=nnx.Rngs(5)),
+        calibration_chunks(tokens, 2),
+        [],
+        replace(cfg, softmax={"lr": 0.0}),
+    )["layers"][0]
+    assert not [w for w in moved["warnings"] if "never moved" in w]
+
+
+def test_the_command_line_warns_of_a_rolled_back_update(tmp_path):
+    model, data = write_tiny_model(tmp_path / "model"), write_tiny_data(tmp_path / "data")
+    argv = ["prune", "--model", str(model), "--data-dir", str(data), "--out", str(tmp_path / "r")]
+    flags = ["--method", "softmax", "--save-params", "false", "--softmax.update-lr", "1e9"]
+    done = jaxprune(*argv, *TINY_FLAGS, *flags, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("jaxprune: warning:")]
+    assert len(lines) == 4 and all("rolled back" in line for line in lines)
+    assert "4 warning(s) in metrics.json" in done.stdout

@@ -202,9 +202,24 @@ def summary(request: Request, opts: SoftmaxConfig) -> dict:
 
 
 def solve_warnings(info: dict, request: Request, opts: SoftmaxConfig, li: int) -> list[str]:
-    """Warnings about a solve that did not do its job: its loss ended above its start, or its
-    relaxed mask collapsed towards zero (rounding then keeps arbitrary entries)."""
+    """Warnings about a solve that did not do its job: a weight update that was rolled back, a
+    mask solve that never moved or whose loss ended above its start, or a relaxed mask that
+    collapsed towards zero (rounding then keeps arbitrary entries)."""
     out = []
+    if "update_attention_rejected" in info:
+        out.append(
+            f"layer {li}: the weight update raised the attention term from "
+            f"{info['update_attention_before']:.4g} to {info['update_attention_rejected']:.4g}, "
+            f"so it was rolled back and the rounded weights are kept; lower "
+            f"--softmax.update-lr (now {opts.update_lr:g}) or --softmax.update-steps."
+        )
+    if info["final_loss"] == info["initial_loss"] and "update_attention_rejected" not in info:
+        out.append(
+            f"layer {li}: the softmax-aware solve never moved from its start (loss "
+            f"{info['initial_loss']:.4g}): every step was rejected or had no effect, so the mask "
+            f"is its start's rounding; lower --softmax.lr (now {opts.lr:g}) or try "
+            "--softmax.optimizer gd --softmax.lr 0 (derived step size)."
+        )
     if info["final_loss"] > info["initial_loss"]:
         out.append(
             f"layer {li}: the softmax-aware solve ended at loss {info['final_loss']:.4g}, above "

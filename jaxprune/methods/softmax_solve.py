@@ -452,7 +452,10 @@ def reconstruct_qk_softmax(
       progress, desc: the solver's progress bar.
 
     Returns:
-      ``(new_kernels, info)`` with the attention term before and after the update.
+      ``(new_kernels, info)`` with the attention term before and after the update. An update
+      whose attention term ends above its start (or is not finite) is rolled back: the kernels
+      are ``start`` under ``keep``, ``update_attention_after`` equals the start's term, and
+      ``update_attention_rejected`` holds the term the update reached.
     """
     spec_kw = dict(spec=spec)
     keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
@@ -484,9 +487,15 @@ def reconstruct_qk_softmax(
         desc=desc,
     )
     delta = res.masks if mesh is None else sharding.gather(res.masks)
-    new = {k: jnp.where(keep[k], w + rms[k] * delta[k], 0) for k, w in start.items()}
-    info = dict(
-        update_attention_before=float(res.history["attention"][0]),
-        update_attention_after=float(res.final_loss),
+    before, after = float(res.history["attention"][0]), float(res.final_loss)
+    if after <= before:
+        new = {k: jnp.where(keep[k], w + rms[k] * delta[k], 0) for k, w in start.items()}
+        return new, dict(update_attention_before=before, update_attention_after=after)
+    # The update made the attention term worse (a step size far too large, or a non-finite
+    # loss): keep the weights it started from, and say so (update_attention_rejected).
+    new = {k: jnp.where(keep[k], w, 0) for k, w in start.items()}
+    return new, dict(
+        update_attention_before=before,
+        update_attention_after=before,
+        update_attention_rejected=after,
     )
-    return new, info
