@@ -12,10 +12,24 @@ def causal_mask(n: int) -> jax.Array:
     return jnp.tril(jnp.ones((n, n), dtype=bool))
 
 
+def causal_allowed(
+    n: int, m: int, query_positions: Int[Array, " n"] | None = None, window: int | None = None
+) -> jax.Array:
+    """Boolean ``(n, m)``: which of ``m`` keys each of ``n`` queries may see (causal, and within
+    ``window`` keys when given). Queries sit at ``query_positions``, default the last ``n``."""
+    if query_positions is None and window is None:
+        return jnp.tril(jnp.ones((n, m), dtype=bool), k=m - n)
+    pos = jnp.arange(m - n, m) if query_positions is None else query_positions
+    delta = pos[:, None] - jnp.arange(m)[None, :]
+    allowed = delta >= 0
+    return allowed if window is None else allowed & (delta < window)
+
+
 def attention_probs(
     logits: Float[Array, "... n m"],
     causal: bool = True,
     query_positions: Int[Array, " n"] | None = None,
+    window: int | None = None,
 ) -> Float[Array, "... n m"]:
     """Row-normalised attention ``D^-1 (C ∘ exp(logits))``.
 
@@ -28,16 +42,15 @@ def attention_probs(
       causal: apply the causal mask ``C``; ``False`` means ``C`` is all ones.
       query_positions: with ``causal``, the key position of each query row (for a subset of
         query rows); default: the last ``n`` of the ``m`` positions.
+      window: with ``causal``, the most keys a query sees, itself included (a sliding window:
+        query ``i`` sees keys ``i - window < j <= i``); ``None`` for all of the past.
 
     Returns:
       Probabilities of the same shape; each row sums to one.
     """
     if causal:
         n, m = logits.shape[-2:]
-        if query_positions is None:
-            allowed = jnp.tril(jnp.ones((n, m), dtype=bool), k=m - n)
-        else:
-            allowed = query_positions[:, None] >= jnp.arange(m)[None, :]
+        allowed = causal_allowed(n, m, query_positions, window)
         allowed = allowed.reshape((1,) * (logits.ndim - 2) + (n, m))
         logits = jnp.where(allowed, logits, -jnp.inf)
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))

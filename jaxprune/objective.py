@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.rope import apply_rope, rope_tables
 
 
@@ -109,6 +109,11 @@ def qk_head_probs(
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
     query_scale: float | None = None,
+    *,
+    window: int | None = None,
+    bias: Float[Array, " dh"] | None = None,
+    norm: Float[Array, " dh"] | None = None,
+    norm_eps: float | None = None,
 ) -> Float[Array, "b r n"]:
     """Attention probabilities of one query head.
 
@@ -121,18 +126,47 @@ def qk_head_probs(
       query_idx: optional subset of query rows (sorted positions); default all ``n``.
       query_scale: multiplier of the scores (``AttentionSpec.query_scale``); ``None`` divides
         them by ``sqrt(dh)``.
+      window: a query sees at most this many keys, itself included (``AttentionSpec.window``).
+      bias, norm, norm_eps: the head's query bias, q-norm multiplier and the norm's epsilon
+        (:func:`qk_transform`).
 
     Returns:
       Probabilities ``(b, r, n)`` with ``r = len(query_idx)`` or ``n``.
     """
     dh = wq.shape[-1]
     xq = x if query_idx is None else x[:, query_idx]
-    q = jnp.einsum("bnd,dh->bnh", xq, wq)
+    q = qk_transform(jnp.einsum("bnd,dh->bnh", xq, wq), bias, norm, norm_eps)
     if rope is not None:
         cos, sin = rope
         q = apply_rope(q, *((cos, sin) if query_idx is None else (cos[query_idx], sin[query_idx])))
     logits = scale_scores(jnp.einsum("brh,bnh->brn", q, k), dh, query_scale)
-    return attention_probs(logits, causal=causal, query_positions=query_idx)
+    return attention_probs(logits, causal=causal, query_positions=query_idx, window=window)
+
+
+def qk_transform(
+    a: Float[Array, "... dh"],
+    bias: Float[Array, " dh"] | None,
+    norm: Float[Array, " dh"] | None,
+    eps: float | None,
+) -> Float[Array, "... dh"]:
+    """What a model does to a head's projected queries or keys before RoPE: adds the bias, then
+    (with ``eps``) the per-head RMSNorm in at least float32 times ``norm``. The identity for
+    Llama."""
+    if bias is not None:
+        a = a + _lead(bias, a.ndim)
+    if eps is None:
+        return a
+    wide = jnp.promote_types(a.dtype, jnp.float32)  # at least float32, as the models norm
+    a32 = a.astype(wide)
+    out = a32 * jax.lax.rsqrt(jnp.mean(a32 * a32, axis=-1, keepdims=True) + eps)
+    if norm is not None:
+        out = out * _lead(norm.astype(wide), a.ndim)
+    return out.astype(a.dtype)
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+    """``v`` with leading unit axes up to ``ndim`` (explicit broadcasting, no rank promotion)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
 def scale_scores(logits: jax.Array, head_dim: int, query_scale: float | None) -> jax.Array:
@@ -170,12 +204,49 @@ def _per_query_head(a: jax.Array, n_heads: int, n_kv_heads: int) -> jax.Array:
     )
 
 
-def _layer_keys(wk, x, n_heads, n_kv_heads, head_dim, rope):
+def _head_rows(v: jax.Array | None, n: int, head_dim: int) -> jax.Array | None:
+    """A per-output vector ``(n*dh,)`` (a bias) as one row per head ``(n, dh)``."""
+    return None if v is None else v.reshape(n, head_dim)
+
+
+def _layer_keys(wk, x, spec: AttentionSpec, rope, extras: QKExtras):
     # Keys are projected once per key/value head, then shared by the query heads of its group.
-    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, n_kv_heads, head_dim))
+    g, dh = spec.n_kv_heads, spec.head_dim
+    keys = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wk, g, dh))
+    bias = _head_rows(extras.k_bias, g, dh)
+    keys = qk_transform(
+        keys, None if bias is None else bias[:, None, None, :], extras.k_norm, spec.qk_norm_eps
+    )
     if rope is not None:
         keys = apply_rope(keys, *rope)
-    return _per_query_head(keys, n_heads, n_kv_heads)
+    return _per_query_head(keys, spec.n_heads, g)
+
+
+def _query_heads(wq, spec: AttentionSpec, extras: QKExtras):
+    """The per-head query kernels ``(h, d, dh)`` and biases ``(h, dh)`` or ``None``."""
+    h, dh = spec.n_heads, spec.head_dim
+    return _split_heads(wq, h, dh), _head_rows(extras.q_bias, h, dh)
+
+
+def _head_fn(x, rope, causal, query_idx, spec: AttentionSpec, extras: QKExtras):
+    """One query head's probabilities ``(q kernel, keys, bias) -> (b, r, n)``."""
+
+    def fn(wq, k, bias):
+        return qk_head_probs(
+            wq,
+            k,
+            x,
+            rope,
+            causal,
+            query_idx,
+            spec.query_scale,
+            window=spec.window,
+            bias=bias,
+            norm=extras.q_norm,
+            norm_eps=spec.qk_norm_eps,
+        )
+
+    return fn
 
 
 def qk_layer_probs(
@@ -186,32 +257,30 @@ def qk_layer_probs(
     spec: AttentionSpec,
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
+    extras: QKExtras | None = None,
 ) -> Float[Array, "h b r n"]:
     """Attention probabilities of every query head of one layer (``vmap`` over heads).
 
     Args:
       wq: query projection ``(d, h*dh)``; wk: key projection ``(d, g*dh)``.
       x: attention input ``(n, d)`` or ``(b, n, d)``.
-      spec: the layer's attention (heads, head size, RoPE, query scale).
+      spec: the layer's attention (heads, head size, RoPE, query scale, q/k norm, window).
       causal: apply the causal mask.
       query_idx: optional subset of query rows.
+      extras: the layer's q/k biases and norm multipliers (``None``: none, as in Llama).
 
     Returns:
       ``(h, b, r, n)`` probabilities.
     """
     x = _batched(x)
-    q_heads = _split_heads(wq, spec.n_heads, spec.head_dim)
+    extras = QKExtras() if extras is None else extras
     rope = layer_rope(spec, x.shape[1], x.dtype)
-    keys = _layer_keys(wk, x, spec.n_heads, spec.n_kv_heads, spec.head_dim, rope)
-    head_fn = partial(
-        qk_head_probs,
-        x=x,
-        rope=rope,
-        causal=causal,
-        query_idx=query_idx,
-        query_scale=spec.query_scale,
-    )
-    return jax.vmap(lambda q, k: head_fn(q, k))(q_heads, keys)
+    keys = _layer_keys(wk, x, spec, rope, extras)
+    q_heads, q_bias = _query_heads(wq, spec, extras)
+    head_fn = _head_fn(x, rope, causal, query_idx, spec, extras)
+    if q_bias is None:
+        return jax.vmap(lambda q, k: head_fn(q, k, None))(q_heads, keys)
+    return jax.vmap(head_fn)(q_heads, keys, q_bias)
 
 
 def qk_pruning_loss(
@@ -227,6 +296,7 @@ def qk_pruning_loss(
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
     values: tuple[Float[Array, "h b n dh"], Float[Array, "h dh d"]] | None = None,
+    extras: QKExtras | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """Factored loss of one layer: ``sum_h 1/2 ||P_h(M) - P_h||^2 / attn_scale + lam/2 ||M||^2``,
     or, with ``values``, the output form ``1/2 ||sum_h (P_h(M) - P_h) V_h O_h||^2 / attn_scale +
@@ -244,11 +314,12 @@ def qk_pruning_loss(
       reg_scale: divides the regulariser (e.g. the number of mask entries).
       values: ``(V, O)`` from :func:`head_values` to measure the change of the block's output
         instead of the probabilities' (``None``: the paper's probability term).
+      extras: the layer's q/k biases and norm multipliers, as in :func:`qk_layer_probs`.
 
     Returns:
       ``(loss, {"attention": attention term, "reg": regulariser})``.
     """
-    kw = dict(spec=spec, causal=causal, query_idx=query_idx)
+    kw = dict(spec=spec, causal=causal, query_idx=query_idx, extras=extras)
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     probs = qk_layer_probs(masks["q"] * weights["q"], masks["k"] * weights["k"], x, **kw)
@@ -273,6 +344,7 @@ def head_values(
     x: Float[Array, "*b n d"],
     *,
     spec: AttentionSpec,
+    extras: QKExtras | None = None,
 ) -> tuple[Float[Array, "h b n dh"], Float[Array, "h dh d"]]:
     """The dense values of every query head (``x @ W_V``, shared within each key/value group) and
     the output projection split by head, for the output form of :func:`qk_pruning_loss`.
@@ -281,14 +353,18 @@ def head_values(
       wv: value projection ``(d, g*dh)``; wo: output projection ``(h*dh, d)`` (input-major).
       x: attention input ``(n, d)`` or ``(b, n, d)``.
       spec: the layer's attention (its head counts and size).
+      extras: the layer's value bias, if any (``extras.v_bias``).
 
     Returns:
       ``(V, O)``: ``(h, b, n, dh)`` values and ``(h, dh, d)`` output rows.
     """
     x = _batched(x)
     h, g, dh = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    v = _per_query_head(jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wv, g, dh)), h, g)
-    return v, wo.reshape(h, dh, wo.shape[1])
+    v = jnp.einsum("bnd,gdh->gbnh", x, _split_heads(wv, g, dh))
+    bias = _head_rows(None if extras is None else extras.v_bias, g, dh)
+    if bias is not None:
+        v = v + bias[:, None, None]
+    return _per_query_head(v, h, g), wo.reshape(h, dh, wo.shape[1])
 
 
 def attention_output(
@@ -308,6 +384,7 @@ def qk_attention_term_blocked(
     row_block: int,
     causal: bool = True,
     dense_weights: dict[str, Float[Array, "d _"]] | None = None,
+    extras: QKExtras | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """The attention term ``1/2 sum_h mean_b ||P_h(M) - P_h||_F^2`` over blocks of query rows,
     with memory linear in ``n``: each block's pruned and dense probabilities ``(h, b, B, n)`` are
@@ -322,6 +399,7 @@ def qk_attention_term_blocked(
       row_block: query rows per block.
       dense_weights: the kernels of the target probabilities ``P_h`` when they differ from
         ``weights`` (the weight update moves ``weights`` and keeps the dense target).
+      extras: the layer's q/k biases and norm multipliers, as in :func:`qk_layer_probs`.
 
     Returns:
       ``(term, dense_scale)``: the attention term and ``1/2 sum_h mean_b ||P_h||_F^2`` of the
@@ -331,28 +409,24 @@ def qk_attention_term_blocked(
     b, n, _ = x.shape
     if row_block < 1 or n % row_block:
         raise ValueError(f"row_block={row_block} must divide the sequence length {n}.")
-    n_heads, head_dim = spec.n_heads, spec.head_dim
+    extras = QKExtras() if extras is None else extras
     rope = layer_rope(spec, n, x.dtype)
-    kw = dict(n_heads=n_heads, n_kv_heads=spec.n_kv_heads, head_dim=head_dim, rope=rope)
     dense_w = weights if dense_weights is None else dense_weights
-    keys = _layer_keys(masks["k"] * weights["k"], x, **kw)
-    dense_keys = jax.lax.stop_gradient(_layer_keys(dense_w["k"], x, **kw))
-    q_heads = _split_heads(masks["q"] * weights["q"], n_heads, head_dim)
-    dense_q = jax.lax.stop_gradient(_split_heads(dense_w["q"], n_heads, head_dim))
+    keys = _layer_keys(masks["k"] * weights["k"], x, spec, rope, extras)
+    dense_keys = jax.lax.stop_gradient(_layer_keys(dense_w["k"], x, spec, rope, extras))
+    q_heads, q_bias = _query_heads(masks["q"] * weights["q"], spec, extras)
+    dense_q = jax.lax.stop_gradient(_query_heads(dense_w["q"], spec, extras)[0])
 
     @jax.checkpoint
     def block(carry, start):
-        idx = start + jnp.arange(row_block)
-        fn = partial(
-            qk_head_probs,
-            x=x,
-            rope=rope,
-            causal=causal,
-            query_idx=idx,
-            query_scale=spec.query_scale,
-        )
-        probs = jax.vmap(fn)(q_heads, keys)
-        dense = jax.lax.stop_gradient(jax.vmap(fn)(dense_q, dense_keys))
+        fn = _head_fn(x, rope, causal, start + jnp.arange(row_block), spec, extras)
+        if q_bias is None:
+            probs = jax.vmap(lambda q, k: fn(q, k, None))(q_heads, keys)
+            dense = jax.vmap(lambda q, k: fn(q, k, None))(dense_q, dense_keys)
+        else:
+            probs = jax.vmap(fn)(q_heads, keys, q_bias)
+            dense = jax.vmap(fn)(dense_q, dense_keys, q_bias)
+        dense = jax.lax.stop_gradient(dense)
         diff = probs - dense
         term, scale = carry
         return (term + jnp.sum(diff * diff), scale + jnp.sum(dense * dense)), None
@@ -380,15 +454,15 @@ def relative_error(new: jax.Array, ref: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def attention_error(wq, wk, wq_new, wk_new, x, *, spec: AttentionSpec):
-    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences (``spec``: the layer's
-    attention, as in :func:`jaxprune.objective.qk_layer_probs`)."""
-    kw = dict(spec=spec)
+def attention_error(wq, wk, wq_new, wk_new, x, *, spec: AttentionSpec, extras=None):
+    """``||P(new) - P||_F / ||P||_F`` averaged over heads and sequences (``spec`` and
+    ``extras``: the layer's attention, as in :func:`jaxprune.objective.qk_layer_probs`)."""
+    kw = dict(spec=spec, extras=extras)
     return relative_error(qk_layer_probs(wq_new, wk_new, x, **kw), qk_layer_probs(wq, wk, x, **kw))
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def layer_errors(dense, new, x, *, spec: AttentionSpec):
+def layer_errors(dense, new, x, *, spec: AttentionSpec, extras=None):
     """The relative attention error ``||P(new) - P||_F / ||P||_F`` (averaged over heads and
     sequences, as :func:`attention_error`) and output error ``||O(new) - O||_F / ||O||_F`` of the
     attention block's output ``O = sum_h P_h V_h O_h`` (before the residual, averaged over
@@ -397,16 +471,17 @@ def layer_errors(dense, new, x, *, spec: AttentionSpec):
     Args:
       dense, new: ``{"q", "k", "v", "o"}`` kernels (input-major) before and after pruning.
       x: attention input ``(b, n, d)``.
-      spec: the layer's attention.
+      spec, extras: the layer's attention and its q/k/v biases and norm multipliers.
 
     Returns:
       ``(attention error, output error)``.
     """
+    kw = dict(spec=spec, extras=extras)
     probs = {
-        k: qk_layer_probs(w["q"], w["k"], x, spec=spec) for k, w in (("dense", dense), ("new", new))
+        k: qk_layer_probs(w["q"], w["k"], x, **kw) for k, w in (("dense", dense), ("new", new))
     }
     outs = {
-        k: attention_output(probs[k], *head_values(w["v"], w["o"], x, spec=spec))
+        k: attention_output(probs[k], *head_values(w["v"], w["o"], x, **kw))
         for k, w in (("dense", dense), ("new", new))
     }
     return (

@@ -34,12 +34,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.objective import (
     _batched,
     layer_rope,
     mask_regulariser,
     qk_layer_probs,
+    qk_transform,
     scale_scores,
 )
 from jaxprune.rope import apply_rope
@@ -80,10 +81,22 @@ def _spans(shape: _Shape, r: int, n: int):
     return [(i * size, (i + 1) * size, (i + 1) * size) for i in range(shape.blocks)]
 
 
-def _forward(shape: _Shape, wq, wk, x, target, query_idx):
-    """Everything the value and the backward pass need: ``(term, (x, xq, q, k, probs, c))`` with
-    ``q: (b, g, rep, r, dh)`` and ``k: (b, g, n, dh)`` rotated, and per row block its
-    probabilities and ``c = probs - target`` in the grouped layout ``(b, g, rep*rows, keys)``."""
+def _norm_backward(pre, scale, eps, ct):
+    """The cotangent of ``pre`` through ``qk_transform``'s RMSNorm ``scale * pre / rms(pre)``
+    (over the last axis) for the output's cotangent ``ct``; the identity without a norm."""
+    if eps is None:
+        return ct
+    inv = jax.lax.rsqrt(jnp.mean(pre * pre, axis=-1, keepdims=True) + eps)
+    unit = pre * inv
+    g = ct if scale is None else ct * scale.reshape((1,) * (ct.ndim - 1) + scale.shape)
+    return (g - unit * jnp.mean(g * unit, axis=-1, keepdims=True)) * inv
+
+
+def _forward(shape: _Shape, wq, wk, x, target, query_idx, extras: QKExtras):
+    """Everything the value and the backward pass need: ``(term, (x, xq, q, k, qn, kn, probs,
+    c))`` with ``q: (b, g, rep, r, dh)`` and ``k: (b, g, n, dh)`` rotated, ``qn`` and ``kn`` the
+    projections before the q/k norm (``None`` without one), and per row block its probabilities
+    and ``c = probs - target`` in the grouped layout ``(b, g, rep*rows, keys)``."""
     h, g, dh = shape.spec.n_heads, shape.spec.n_kv_heads, shape.spec.head_dim
     rep = h // g
     b, n, _ = x.shape
@@ -97,10 +110,15 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
     rope_q, rope_k = _rope_tables(shape, n, x.dtype, query_idx)
 
     # (b, r, h*dh) -> (b, g, rep, r, dh): one matmul for all heads, then the head axes lead.
-    q = jnp.einsum("brd,de->bre", xq, wq).reshape(b, r, g, rep, dh).transpose(0, 2, 3, 1, 4)
-    q = _rotate(q, rope_q)
-    k = jnp.einsum("bnd,de->bne", x, wk).reshape(b, n, g, dh).transpose(0, 2, 1, 3)
-    k = _rotate(k, rope_k)
+    eps = shape.spec.qk_norm_eps
+    q = jnp.einsum("brd,de->bre", xq, wq)
+    q = q if extras.q_bias is None else q + extras.q_bias[None, None, :]
+    qn = q.reshape(b, r, g, rep, dh).transpose(0, 2, 3, 1, 4)
+    q = _rotate(qk_transform(qn, None, extras.q_norm, eps), rope_q)
+    k = jnp.einsum("bnd,de->bne", x, wk)
+    k = k if extras.k_bias is None else k + extras.k_bias[None, None, :]
+    kn = k.reshape(b, n, g, dh).transpose(0, 2, 1, 3)
+    k = _rotate(qk_transform(kn, None, extras.k_norm, eps), rope_k)
     # target is (h, b, r, n) = (g, rep, b, r, n): only the outer axes move.
     target = target.reshape(g, rep, b, r, n)
     pos = jnp.arange(n - r, n) if query_idx is None else query_idx
@@ -113,7 +131,10 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
         logits = scale_scores(logits, dh, shape.spec.query_scale)
         logits = logits.reshape(b, g, rep, rows, keys)
         if shape.causal:
-            allowed = pos[start:end, None] >= jnp.arange(keys)[None, :]
+            delta = pos[start:end, None] - jnp.arange(keys)[None, :]
+            allowed = delta >= 0
+            if shape.spec.window is not None:
+                allowed = allowed & (delta < shape.spec.window)
             logits = jnp.where(allowed, logits, -jnp.inf)
         unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
         p = unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)
@@ -121,12 +142,14 @@ def _forward(shape: _Shape, wq, wk, x, target, query_idx):
         term = term + 0.5 * jnp.sum(c * c) / b
         probs.append(p.reshape(b, g, rep * rows, keys))
         cs.append(c.reshape(b, g, rep * rows, keys))
-    return term, (x, xq, q, k, tuple(probs), tuple(cs))
+    pre = (qn, kn) if eps is not None else (None, None)
+    return term, (x, xq, q, k, *pre, tuple(probs), tuple(cs))
 
 
-def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
+def _backward(shape: _Shape, wq, wk, res, query_idx, extras: QKExtras, ct):
     """Cotangents of ``(wq, wk, x)`` (masked kernels and input) for the term's cotangent ``ct``."""
-    x, xq, q, k, probs, cs = res
+    x, xq, q, k, qn, kn, probs, cs = res
+    eps = shape.spec.qk_norm_eps
     h, g = shape.spec.n_heads, shape.spec.n_kv_heads
     rep = h // g
     b, n, d = x.shape
@@ -148,8 +171,10 @@ def _backward(shape: _Shape, wq, wk, res, query_idx, ct):
         dkb = jnp.einsum("bgmn,bgmc->bgnc", dlogits, qb)
         dk = dk + (dkb if keys == n else jnp.pad(dkb, ((0, 0), (0, 0), (0, n - keys), (0, 0))))
     dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
-    dq = _rotate(dq, rope_q, inverse=True).transpose(0, 3, 1, 2, 4).reshape(b * r, h * dh)
-    dk = _rotate(dk, rope_k, inverse=True).transpose(0, 2, 1, 3).reshape(b * n, g * dh)
+    dq = _norm_backward(qn, extras.q_norm, eps, _rotate(dq, rope_q, inverse=True))
+    dk = _norm_backward(kn, extras.k_norm, eps, _rotate(dk, rope_k, inverse=True))
+    dq = dq.transpose(0, 3, 1, 2, 4).reshape(b * r, h * dh)
+    dk = dk.transpose(0, 2, 1, 3).reshape(b * n, g * dh)
     xq2, x2 = xq.reshape(b * r, d), x.reshape(b * n, d)
     dwq = xq2.T @ dq
     dwk = x2.T @ dk
@@ -179,20 +204,21 @@ def _settings(x, target, query_idx, spec, causal, blocks):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _term(shape, wq, wk, x, target, query_idx):
-    return _forward(shape, wq, wk, x, target, query_idx)[0]
+def _term(shape, wq, wk, x, target, query_idx, extras):
+    return _forward(shape, wq, wk, x, target, query_idx, extras)[0]
 
 
-def _term_fwd(shape, wq, wk, x, target, query_idx):
-    term, res = _forward(shape, wq, wk, x, target, query_idx)
-    return term, (wq, wk, res, query_idx)
+def _term_fwd(shape, wq, wk, x, target, query_idx, extras):
+    term, res = _forward(shape, wq, wk, x, target, query_idx, extras)
+    return term, (wq, wk, res, query_idx, extras)
 
 
 def _term_bwd(shape, saved, ct):
-    wq, wk, res, query_idx = saved
-    dwq, dwk, dx = _backward(shape, wq, wk, res, query_idx, ct)
-    # No cotangent for the target (stopped, as in qk_pruning_loss) nor for the integer rows.
-    return dwq, dwk, dx, None, None
+    wq, wk, res, query_idx, extras = saved
+    dwq, dwk, dx = _backward(shape, wq, wk, res, query_idx, extras, ct)
+    # No cotangent for the target (stopped, as in qk_pruning_loss), the integer rows, nor the
+    # layer's biases and norm multipliers (never fitted).
+    return dwq, dwk, dx, None, None, jax.tree.map(jnp.zeros_like, extras)
 
 
 _term.defvjp(_term_fwd, _term_bwd)
@@ -208,6 +234,7 @@ def qk_attention_term(
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
     causal_blocks: int | None = None,
+    extras: QKExtras | None = None,
 ) -> Float[Array, ""]:
     """``1/2 sum_h mean_b ||P_h - target_h||_F^2`` for the (masked) kernels ``wq``, ``wk``, with
     the closed-form backward pass (``jax.custom_vjp``) for ``wq``, ``wk`` and ``x``.
@@ -221,7 +248,7 @@ def qk_attention_term(
       wq: query kernel ``(d, h*dh)``; wk: key kernel ``(d, g*dh)`` (already masked).
       x: attention input ``(n, d)`` or ``(b, n, d)``.
       target: the dense probabilities ``(h, b, r, n)``.
-      spec, causal, query_idx: as in :func:`jaxprune.objective.qk_layer_probs`.
+      spec, causal, query_idx, extras: as in :func:`jaxprune.objective.qk_layer_probs`.
       causal_blocks: with ``causal`` and all query rows, split the rows into this many blocks
         and skip each block's keys past its last row (zero probabilities; ``target`` must be
         causal too, as dense probabilities are). ``None``: blocks of at least 64 rows, at most
@@ -232,7 +259,7 @@ def qk_attention_term(
     """
     x = _batched(x)
     shape = _settings(x, target, query_idx, spec, causal, causal_blocks)
-    return _term(shape, wq, wk, x, target, query_idx)
+    return _term(shape, wq, wk, x, target, query_idx, QKExtras() if extras is None else extras)
 
 
 def qk_attention_term_and_grad(
@@ -245,6 +272,7 @@ def qk_attention_term_and_grad(
     causal: bool = True,
     query_idx: Int[Array, " r"] | None = None,
     causal_blocks: int | None = None,
+    extras: QKExtras | None = None,
 ) -> tuple[Float[Array, ""], tuple[Float[Array, "d hdh"], Float[Array, "d gdh"]]]:
     """The term of :func:`qk_attention_term` and its gradient with respect to ``wq`` and ``wk``,
     computed in one pass with no autodiff. Same arguments.
@@ -254,8 +282,9 @@ def qk_attention_term_and_grad(
     """
     x = _batched(x)
     shape = _settings(x, target, query_idx, spec, causal, causal_blocks)
-    term, res = _forward(shape, wq, wk, x, target, query_idx)
-    dwq, dwk, _ = _backward(shape, wq, wk, res, query_idx, jnp.ones((), x.dtype))
+    extras = QKExtras() if extras is None else extras
+    term, res = _forward(shape, wq, wk, x, target, query_idx, extras)
+    dwq, dwk, _ = _backward(shape, wq, wk, res, query_idx, extras, jnp.ones((), x.dtype))
     return term, (dwq, dwk)
 
 
@@ -272,11 +301,12 @@ def qk_pruning_loss_vjp(
     reg_scale: float = 1.0,
     query_idx: Int[Array, " r"] | None = None,
     causal_blocks: int | None = None,
+    extras: QKExtras | None = None,
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """:func:`jaxprune.objective.qk_pruning_loss` (probability form) with the attention term's
     backward pass written by hand (:func:`qk_attention_term`); same arguments, value and gradient
     (tested), no ``values`` (output form); ``causal_blocks`` as in :func:`qk_attention_term`."""
-    kw = dict(spec=spec, causal=causal, query_idx=query_idx)
+    kw = dict(spec=spec, causal=causal, query_idx=query_idx, extras=extras)
     if target is None:
         target = qk_layer_probs(weights["q"], weights["k"], x, **kw)
     target = jax.lax.stop_gradient(target)
@@ -300,7 +330,8 @@ def qk_pruning_value_and_grad(
 ) -> tuple[Float[Array, ""], dict[str, jax.Array]]:
     """``(loss, d loss / d masks)`` of :func:`jaxprune.objective.qk_pruning_loss` (probability
     form, given ``target``) in one fused pass, no autodiff: what a solver's ``grad_fn`` could call.
-    ``kw``: ``spec``, ``causal``, ``query_idx``, ``causal_blocks`` (:func:`qk_attention_term`)."""
+    ``kw``: ``spec``, ``causal``, ``query_idx``, ``causal_blocks``, ``extras``
+    (:func:`qk_attention_term`)."""
     wq, wk = weights["q"], weights["k"]
     term, (dwq, dwk) = qk_attention_term_and_grad(masks["q"] * wq, masks["k"] * wk, x, target, **kw)
     reg = mask_regulariser(masks, lam, reg_scale)

@@ -138,15 +138,16 @@ def prune_model(
     start = time.perf_counter()
     hs = layerwise.embed_chunks(model, calib_chunks)
     held = layerwise.embed_chunks(model, heldout_chunks)
-    ropes = {}
+    contexts = {}
 
-    def rope(t):
-        if t not in ropes:
-            ropes[t] = model.rope(t)
-        return ropes[t]
+    def context(li, t):
+        # What layer li takes beside its input for t tokens (its RoPE tables), made once.
+        if (li, t) not in contexts:
+            contexts[li, t] = model.layer_context(li, t)
+        return contexts[li, t]
 
     calib = _Calibration(
-        rope=rope,
+        context=context,
         names=tuple(sorted({layerwise.INPUT_OF[t] for t in targets})),
         attention_inputs=method.attention_inputs(options),
         longest=max(h.shape[1] for h in hs),
@@ -194,15 +195,17 @@ def prune_model(
             if all(later in done for later in range(li + 1, c.num_layers)):
                 continue
             graphdef, state = nnx.split(layer)
-            hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
-            held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
+            hs = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in hs]
+            held = [
+                layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held
+            ]
             continue
         dense_attn = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k", "v", "o")}
         info: dict[str, Any] = {"layer": li}
         if li in pruned:
             result = solved.pop(li, None)
             if result is None:
-                found = calibrated.pop(li, None) or _calibrate(graphdef, state, hs, calib)
+                found = calibrated.pop(li, None) or _calibrate(li, graphdef, state, hs, calib)
                 result = method.prune(_layer_view(model, li, found, targets), request, options)
             for warning in result.facts.get("warnings", []):
                 tqdm.write(f"jaxprune: warning: {warning}", file=sys.stderr)
@@ -214,20 +217,20 @@ def prune_model(
             info["sparsity"] = {n: float(1.0 - jnp.mean(masks[li][n])) for n in targets}
         if held:
             now = {k: kernels[k][...] for k in ("q", "k", "v", "o")}
-            spec = c.attention_spec(li)
+            kw = dict(spec=c.attention_spec(li), extras=model.attention_extras(li))
             errs = []
             for h in held:
-                x = layerwise.capture_layer(graphdef, state, h, *rope(h.shape[1]), ("attn_in",))[
-                    "attn_in"
-                ]
-                errs.append([float(e) for e in layer_errors(dense_attn, now, x, spec=spec)])
+                x = layerwise.capture_layer(
+                    graphdef, state, h, *context(li, h.shape[1]), ("attn_in",)
+                )["attn_in"]
+                errs.append([float(e) for e in layer_errors(dense_attn, now, x, **kw)])
             info["heldout_attention_error"], info["heldout_output_error"] = (
                 float(e) for e in np.mean(errs, axis=0)
             )
         if store is not None and li in pruned:
             store.save(li, masks[li], {n: kernels[n][...] for n in targets}, info)
-        hs = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in hs]
-        held = [layerwise.apply_layer(graphdef, state, h, *rope(h.shape[1])) for h in held]
+        hs = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in hs]
+        held = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held]
         layers.append(info)
     bar.close()
     jax.block_until_ready(hs)
@@ -244,15 +247,16 @@ def prune_model(
 class _Calibration:
     """What the calibration of a layer collects: the statistics of the inputs ``names`` and,
     when the method asks for them, ``attention_inputs = (sequences, tokens)`` of attention
-    inputs. ``rope(t)`` gives the model's RoPE tables for ``t`` tokens."""
+    inputs. ``context(li, t)`` gives what layer ``li`` takes beside its input for ``t`` tokens
+    (its RoPE tables)."""
 
-    rope: Any
+    context: Any
     names: tuple[str, ...]
     attention_inputs: tuple[int, int] | None
     longest: int
 
 
-def _calibrate(graphdef, state, hs, calib: _Calibration):
+def _calibrate(li: int, graphdef, state, hs, calib: _Calibration):
     """A layer's input statistics (``{capture name: InputStats}``) and its stacked attention
     inputs (``None`` unless asked for) from the calibration chunks' inputs ``hs``."""
     stats = {n: None for n in calib.names}
@@ -260,7 +264,8 @@ def _calibrate(graphdef, state, hs, calib: _Calibration):
     prefixes, count = [], 0
     samples, seq_len = calib.attention_inputs or (0, 0)
     for h in hs:
-        caps = layerwise.capture_layer(graphdef, state, h, *calib.rope(h.shape[1]), calib.names)
+        ctx = calib.context(li, h.shape[1])
+        caps = layerwise.capture_layer(graphdef, state, h, *ctx, calib.names)
         for n in calib.names:
             stats[n] = update(
                 stats[n] if stats[n] is not None else init_stats(caps[n].shape[-1]), caps[n]
@@ -287,6 +292,7 @@ def _layer_view(model, li: int, calibrated, targets) -> Layer:
         stats={t: stats[layerwise.INPUT_OF[t]] for t in targets},
         spec=model.config.attention_spec(li),
         attention_inputs=x,
+        extras=model.attention_extras(li),
     )
 
 
@@ -297,9 +303,12 @@ def _dense_calibration(model, hs, todo, calib: _Calibration) -> dict:
     for li in range(max(todo, default=-1) + 1):
         graphdef, state = nnx.split(model.layers[li])
         if li in todo:
-            calibrated[li] = _calibrate(graphdef, state, hs, calib)
+            calibrated[li] = _calibrate(li, graphdef, state, hs, calib)
         if li < max(todo):
-            hs = [layerwise.apply_layer(graphdef, state, h, *calib.rope(h.shape[1])) for h in hs]
+            hs = [
+                layerwise.apply_layer(graphdef, state, h, *calib.context(li, h.shape[1]))
+                for h in hs
+            ]
     return calibrated
 
 

@@ -113,7 +113,7 @@ def test_a_key_head_and_its_query_heads_share_a_device():
     weights, x, stats = layer_problem(0)
     setup = solve_setup(weights, x, stats, *args(CFG), SHAPE)
     mesh = sharding.solve_mesh(G, 1, jax.devices()[:2])
-    init, (w, xx, target, _, _) = sharding.place_qk_solve(mesh, setup.init, setup.data)
+    init, (w, xx, target, *_) = sharding.place_qk_solve(mesh, setup.init, setup.data)
     assert w["q"].sharding.spec == P(None, "heads") and target.sharding.spec == P("heads")
     per_device = {}
     for name, arr, axis, width in [

@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float
 
 from jaxprune.masks import parse_nm
 from jaxprune.methods.stats import InputStats
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, QKExtras
 
 # One matrix: (w, its input statistics, request, options) -> (pruned w, keep).
 MatrixFn = Callable[[jax.Array, InputStats | None, "Request", Any], tuple[jax.Array, jax.Array]]
@@ -80,6 +80,8 @@ class Layer:
       spec: the layer's attention, as the objective recomputes it.
       attention_inputs: the calibration attention inputs ``(b, n, d)`` (after the input norm)
         when the method asked for them (:attr:`Method.attention_inputs`), else ``None``.
+      extras: the layer's q/k/v biases and q/k norm multipliers, as the model applies them
+        (all ``None`` for Llama).
     """
 
     index: int
@@ -87,6 +89,7 @@ class Layer:
     stats: dict[str, InputStats]
     spec: AttentionSpec
     attention_inputs: Float[Array, "b n d"] | None = None
+    extras: QKExtras = dataclasses.field(default_factory=QKExtras)
 
 
 @dataclasses.dataclass

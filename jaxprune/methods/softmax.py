@@ -132,6 +132,7 @@ def prune(layer: Layer, request: Request, opts: SoftmaxConfig) -> Pruned:
             opts,
             spec=layer.spec,
             value_weights={k: layer.weights[k] for k in ("v", "o")},
+            extras=layer.extras,
             progress=request.progress,
             desc=f"layer {layer.index} softmax",
         )
@@ -156,6 +157,7 @@ def prune_layers(layers: list[Layer], request: Request, opts: SoftmaxConfig) -> 
                 opts,
                 spec=spec,
                 value_weights=[{k: layer.weights[k] for k in ("v", "o")} for layer in group],
+                extras=[layer.extras for layer in group],
                 progress=request.progress,
                 desc=f"layers {first}-{last} softmax",
             )
@@ -174,7 +176,9 @@ def _with_other_targets(layer, request, opts, new, keep, info) -> Pruned:
     info["softmax_tokens"] = list(x.shape[:2])
     dense = {k: layer.weights[k] for k in QK}
     info["calib_attention_error"] = float(
-        attention_error(dense["q"], dense["k"], new["q"], new["k"], x, spec=layer.spec)
+        attention_error(
+            dense["q"], dense["k"], new["q"], new["k"], x, spec=layer.spec, extras=layer.extras
+        )
     )
     weights, masks = dict(new), dict(keep)
     rest = tuple(t for t in request.targets if t not in QK)

@@ -33,6 +33,7 @@ from jaxprune.methods.softmax_solve import (
     solve_options,
     solve_setup,
 )
+from jaxprune.models.spec import QKExtras
 from jaxprune.solvers import solve_masks
 
 # Bytes of attention probabilities of one layer that a step keeps alive, as a multiple of one
@@ -44,7 +45,8 @@ _HOST_BUDGET_BYTES = 4 << 30
 
 @functools.cache
 def _stacked_loss(*, n_entries, query_idx, row_block, shape):
-    """``(masks, (weights, x, target, scale, values, lam)) -> (loss, aux)``, every array with a
+    """``(masks, (weights, x, target, scale, values, extras, lam)) -> (loss, aux)``, every array
+    with a
     leading layer axis: the one-layer loss ``vmap``-ed over layers and summed (one object per
     setting, so every batch reuses the solver's compilations). ``per_layer`` gives the unsummed
     losses."""
@@ -89,6 +91,7 @@ def prune_qk_softmax_layers(
     *,
     spec,
     value_weights=None,
+    extras=None,
     devices=None,
     max_layers=None,
     progress=True,
@@ -103,6 +106,7 @@ def prune_qk_softmax_layers(
       request, opts: the run's request and its ``softmax`` section.
       spec: the layers' attention (the same for all).
       value_weights: one ``{"v", "o"}`` dict of dense kernels per layer (``term="output"``).
+      extras: one :class:`~jaxprune.models.spec.QKExtras` per layer (``None``: none).
       devices: the devices to spread the layers over (default :func:`sharding.solve_devices`).
       max_layers: most layers per batch (default :func:`layers_per_batch`, from memory).
       progress, desc: the solver's progress bar.
@@ -115,7 +119,8 @@ def prune_qk_softmax_layers(
     """
     spec_kw = dict(spec=spec)
     values = value_weights or [None] * len(weights)
-    layers = list(zip(weights, xs, stats, values, strict=True))
+    extras = extras or [QKExtras()] * len(weights)
+    layers = list(zip(weights, xs, stats, values, extras, strict=True))
     one = partial(
         prune_qk_softmax, request=request, opts=opts, progress=progress, desc=desc, **spec_kw
     )
@@ -124,8 +129,8 @@ def prune_qk_softmax_layers(
         or mask_source(request, opts) != "solve"
         or len({x.shape for x in xs}) > 1
     ):
-        return [one(w, x, s, value_weights=v) for w, x, s, v in layers]
-    setups = [solve_setup(w, x, s, request, opts, spec_kw, v) for w, x, s, v in layers]
+        return [one(w, x, s, value_weights=v, extras=e) for w, x, s, v, e in layers]
+    setups = [solve_setup(w, x, s, request, opts, spec_kw, v, e) for w, x, s, v, e in layers]
     devices = sharding.solve_devices() if devices is None else list(devices)
     mesh = sharding.solve_mesh(spec.n_kv_heads, len(setups), devices)
     split = 1 if mesh is None else mesh.shape[sharding.LAYERS]
@@ -160,7 +165,7 @@ def _solve_batch(setups, request, opts, spec_kw, mesh, progress, desc):
         shape=tuple(sorted(spec_kw.items())),
     )
     init = _stack([s.init for s in padded])
-    weights, x, target, scale, values = (
+    weights, x, target, scale, values, extras = (
         _stack(part) if part[0] is not None else None
         for part in zip(*(s.data for s in padded), strict=True)
     )
@@ -168,7 +173,7 @@ def _solve_batch(setups, request, opts, spec_kw, mesh, progress, desc):
     def solve(lams, steps, label):
         lam = jnp.asarray(lams, scale.dtype)
         m, data = sharding.place_qk_solve(
-            mesh, init, (weights, x, target, scale, values, lam), stacked=True
+            mesh, init, (weights, x, target, scale, values, extras, lam), stacked=True
         )
         res = solve_masks(
             loss_fn, m, data=data, steps=steps, progress=progress, desc=label, **solve_options(opts)

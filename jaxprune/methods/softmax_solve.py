@@ -44,7 +44,7 @@ from jaxprune.methods.base import Request
 from jaxprune.methods.sparsegpt import sparsegpt_reconstruct
 from jaxprune.methods.stats import InputStats
 from jaxprune.methods.wanda import wanda_scores
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.objective import (
     attention_output,
     head_values,
@@ -58,19 +58,21 @@ from jaxprune.solvers import solve_masks
 
 
 @partial(jax.jit, static_argnames=("spec", "query_idx"))
-def _target(wq, wk, x, *, spec, query_idx):
+def _target(wq, wk, x, extras, *, spec, query_idx):
     idx = None if query_idx is None else jnp.asarray(query_idx)
-    probs = qk_layer_probs(wq, wk, x, spec=spec, query_idx=idx)
+    probs = qk_layer_probs(wq, wk, x, spec=spec, query_idx=idx, extras=extras)
     return probs, 0.5 * jnp.sum(jnp.mean(jnp.sum(probs * probs, axis=(-2, -1)), axis=1))
 
 
-def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_block, spec_kw):
+def mask_loss(
+    m, w, x, target, scale, values, extras, lam, *, n_entries, query_idx, row_block, spec_kw
+):
     """The mask solve's loss of one layer, ``(loss, aux)``: the attention term over ``scale``
     plus ``lam/2`` times the sum of ``M^2`` over ``n_entries`` (the direct form with the dense
     ``target``, the output form with ``values``, or the row-blocked form when ``row_block`` is
-    set)."""
+    set; ``extras`` are the layer's q/k biases and norm multipliers)."""
     if row_block is not None:
-        attn = _blocked_term(m, w, x, row_block, spec_kw)[0] / scale
+        attn = _blocked_term(m, w, x, row_block, spec_kw, extras)[0] / scale
         reg = mask_regulariser(m, lam, n_entries)
         return attn + reg, {"attention": attn, "reg": reg}
     return _layer_loss(
@@ -83,6 +85,7 @@ def mask_loss(m, w, x, target, scale, values, lam, *, n_entries, query_idx, row_
         attn_scale=scale,
         reg_scale=n_entries,
         query_idx=query_idx,
+        extras=extras,
         **spec_kw,
     )
 
@@ -97,7 +100,8 @@ def _layer_loss(m, w, x, values, **kw):
 
 @functools.cache
 def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
-    """The mask solve's loss ``(masks, (weights, x, target, scale, values)) -> (loss, aux)``, one
+    """The mask solve's loss ``(masks, (weights, x, target, scale, values, extras)) -> (loss,
+    aux)``, one
     object per setting so that the solver's compilations are shared by every layer."""
     kw = dict(
         n_entries=n_entries,
@@ -114,30 +118,42 @@ def _mask_loss(*, lam, n_entries, query_idx, row_block, shape):
 
 @functools.cache
 def _update_loss(query_idx, shape, row_block=None):
-    """The weight update's loss ``(u, (start, keep, rms, x, target, scale, values, dense)) ->
-    (loss, aux)``: the kept weights are ``start + rms * u``, compared with the dense target
-    (the row-blocked attention term against the ``dense`` kernels when ``row_block`` is set)."""
+    """The weight update's loss ``(u, (start, keep, rms, x, target, scale, values, dense,
+    extras)) -> (loss, aux)``: the kept weights are ``start + rms * u``, compared with the dense
+    target (the row-blocked attention term against the ``dense`` kernels when ``row_block`` is
+    set)."""
     spec_kw = dict(shape)
     idx = None if query_idx is None else jnp.asarray(query_idx)
 
     def loss_fn(u, data):
-        w, kf, s, xx, t, sc, vals, dense = data
+        w, kf, s, xx, t, sc, vals, dense, ex = data
         moved = {k: w[k] + s[k] * u[k] for k in w}
         if row_block is not None:
             term = qk_attention_term_blocked(
-                kf, moved, xx, row_block=row_block, dense_weights=dense, **spec_kw
+                kf, moved, xx, row_block=row_block, dense_weights=dense, extras=ex, **spec_kw
             )[0]
             attn = term / sc
             return attn, {"attention": attn, "reg": jnp.zeros_like(attn)}
         return _layer_loss(
-            kf, moved, xx, vals, lam=0.0, target=t, attn_scale=sc, query_idx=idx, **spec_kw
+            kf,
+            moved,
+            xx,
+            vals,
+            lam=0.0,
+            target=t,
+            attn_scale=sc,
+            query_idx=idx,
+            extras=ex,
+            **spec_kw,
         )
 
     return loss_fn
 
 
-def _blocked_term(masks, weights, x, row_block, spec_kw):
-    return qk_attention_term_blocked(masks, weights, x, row_block=row_block, **spec_kw)
+def _blocked_term(masks, weights, x, row_block, spec_kw, extras):
+    return qk_attention_term_blocked(
+        masks, weights, x, row_block=row_block, extras=extras, **spec_kw
+    )
 
 
 @jax.jit
@@ -168,6 +184,7 @@ def prune_qk_softmax(
     *,
     spec: AttentionSpec,
     value_weights=None,
+    extras: QKExtras | None = None,
     progress=True,
     desc="softmax",
 ):
@@ -181,6 +198,7 @@ def prune_qk_softmax(
       opts: the ``softmax`` section (:class:`jaxprune.methods.softmax.SoftmaxConfig`).
       spec: the layer's attention.
       value_weights: ``{"v", "o"}`` dense kernels of the layer, needed by ``term="output"``.
+      extras: the layer's q/k/v biases and q/k norm multipliers (``None``: none).
       progress: show the solver's progress bar.
       desc: progress-bar label.
 
@@ -190,7 +208,7 @@ def prune_qk_softmax(
     """
     start = time.perf_counter()
     spec_kw = dict(spec=spec)
-    setup = solve_setup(weights, x, stats, request, opts, spec_kw, value_weights)
+    setup = solve_setup(weights, x, stats, request, opts, spec_kw, value_weights, extras)
     if mask_source(request, opts) == "sparsegpt":
         return _from_sparsegpt(
             weights, x, stats, request, opts, setup, spec_kw, progress, desc, start
@@ -270,8 +288,9 @@ class SolveSetup:
 
     Attributes:
       init: the start masks, shaped like the kernels (``None`` when the mask is not solved).
-      data: ``(weights, x, target, scale, values)``, the data of the solve's loss (``target`` is
-        ``None`` for the row-blocked term, ``values`` the output form's ``(V, O)`` or ``None``).
+      data: ``(weights, x, target, scale, values, extras)``, the data of the solve's loss
+        (``target`` is ``None`` for the row-blocked term, ``values`` the output form's ``(V, O)``
+        or ``None``, ``extras`` the layer's :class:`~jaxprune.models.spec.QKExtras`).
       query_idx: the sampled query rows (a tuple) or ``None`` for all.
       n_entries: the regulariser's divisor (the mask entry count with ``normalize``, else 1).
     """
@@ -282,9 +301,12 @@ class SolveSetup:
     n_entries: float
 
 
-def solve_setup(weights, x, stats, request, opts, spec_kw, value_weights=None) -> SolveSetup:
+def solve_setup(
+    weights, x, stats, request, opts, spec_kw, value_weights=None, extras=None
+) -> SolveSetup:
     """The start point and loss data of one layer's mask solve (arguments as in
     :func:`prune_qk_softmax`; ``spec_kw`` holds the layer's attention shape)."""
+    extras = QKExtras() if extras is None else extras
     n = x.shape[1]
     query_idx = None
     if opts.query_rows and opts.query_rows < n:
@@ -303,14 +325,16 @@ def solve_setup(weights, x, stats, request, opts, spec_kw, value_weights=None) -
     if opts.term == "output":
         if value_weights is None:
             raise ValueError("term=output needs the layer's v and o kernels (value_weights).")
-        values = head_values(value_weights["v"], value_weights["o"], x, **spec_kw)
+        values = head_values(value_weights["v"], value_weights["o"], x, extras=extras, **spec_kw)
     if blocked:
         # No (n, n) target is kept: each block recomputes its dense rows (memory linear in n).
         ones = {k: jnp.ones_like(w) for k, w in weights.items()}
         target = None
-        dense_scale = _blocked_term(ones, weights, x, opts.row_block, spec_kw)[1]
+        dense_scale = _blocked_term(ones, weights, x, opts.row_block, spec_kw, extras)[1]
     else:
-        target, dense_scale = _target(weights["q"], weights["k"], x, query_idx=query_idx, **spec_kw)
+        target, dense_scale = _target(
+            weights["q"], weights["k"], x, extras, query_idx=query_idx, **spec_kw
+        )
     if values is not None:
         dense_scale = _output_scale(target, values)
     scale = dense_scale if opts.normalize else jnp.ones(())
@@ -326,7 +350,8 @@ def solve_setup(weights, x, stats, request, opts, spec_kw, value_weights=None) -
         init = {k: wanda_ranks(w, stats, group) for k, w in weights.items()}
     else:
         init = {k: jnp.ones_like(w) for k, w in weights.items()}
-    return SolveSetup(init, (weights, x, target, scale, values), query_idx, n_entries)
+    data = (weights, x, target, scale, values, extras)
+    return SolveSetup(init, data, query_idx, n_entries)
 
 
 def solve_options(opts) -> dict:
@@ -393,7 +418,7 @@ def round_and_update(masks, weights, x, stats, request, opts, setup, spec_kw, *,
 
 def _softmax_update(weights, keep, x, request, opts, setup, spec_kw, progress, desc, start=None):
     """:func:`reconstruct_qk_softmax` with the solve's dense target and the config's settings."""
-    _, _, target, scale, values = setup.data
+    _, _, target, scale, values, extras = setup.data
     return reconstruct_qk_softmax(
         weights,
         keep,
@@ -404,6 +429,7 @@ def _softmax_update(weights, keep, x, request, opts, setup, spec_kw, progress, d
         values=values,
         row_block=opts.row_block,
         start=start,
+        extras=extras,
         steps=opts.update_steps,
         lr=opts.update_lr,
         progress=progress,
@@ -426,6 +452,7 @@ def reconstruct_qk_softmax(
     values=None,
     row_block=None,
     start=None,
+    extras=None,
     progress=True,
     desc="update",
 ):
@@ -447,6 +474,7 @@ def reconstruct_qk_softmax(
         form's values, as in :func:`jaxprune.objective.qk_pruning_loss`.
       row_block: compute the attention term over blocks of this many query rows
         (:func:`jaxprune.objective.qk_attention_term_blocked`; ``target`` is then unused).
+      extras: the layer's q/k/v biases and q/k norm multipliers (``None``: none).
       start: kernels the update starts from (default ``weights`` under ``keep``; SparseGPT's
         updated kernels with ``softmax.mask=sparsegpt``); the target stays the dense one.
       progress, desc: the solver's progress bar.
@@ -458,6 +486,7 @@ def reconstruct_qk_softmax(
       ``update_attention_rejected`` holds the term the update reached.
     """
     spec_kw = dict(spec=spec)
+    extras = QKExtras() if extras is None else extras
     keep_f = {k: v.astype(weights[k].dtype) for k, v in keep.items()}
     rms = {k: jnp.sqrt(jnp.mean(w * w)) for k, w in weights.items()}
     start = weights if start is None else start
@@ -473,6 +502,7 @@ def reconstruct_qk_softmax(
         place(attn_scale, "scalar"),
         place(values, "heads"),
         place(weights, "kernel"),
+        place(extras, "scalar"),
     )
     res = solve_masks(
         _update_loss(query_idx, tuple(sorted(spec_kw.items())), row_block),

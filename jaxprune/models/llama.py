@@ -27,7 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import attention_probs
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
 # Names of the projections that pruning may touch, in the order a layer applies them.
@@ -390,6 +390,17 @@ class Llama(nnx.Module):
         """RoPE ``(cos, sin)`` tables ``(t, dh)`` for positions ``0..t-1``."""
         c = self.config
         return rope_tables(t, c.head_dim, c.rope_theta, dtype=jnp.float32, scaling=c.rope_scaling)
+
+    def attention_extras(self, layer: int) -> QKExtras:
+        """The layer's q/k/v biases and q/k norm multipliers: a Llama has none."""
+        del layer
+        return QKExtras()
+
+    def layer_context(self, layer: int, t: int) -> tuple[jax.Array, ...]:
+        """What decoder layer ``layer`` takes beside its input for ``t`` tokens: the RoPE
+        tables ``(cos, sin)`` (the same for every Llama layer)."""
+        del layer
+        return self.rope(t)
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """Final norm and output head: logits ``(b, t, vocab)``."""

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
+
+import jax
 
 from jaxprune.rope import Llama3RopeScaling
 
@@ -35,12 +38,19 @@ class AttentionSpec:
     rope_scaling: Llama3RopeScaling | None = None
     # Multiplier of the scores ``q . k`` (None: ``1 / sqrt(head_dim)``).
     query_scale: float | None = None
+    # Epsilon of the per-head RMSNorm on q and k between the projection and RoPE (Gemma 3,
+    # Qwen3), or None for no q/k norm; its weights are the layer's ``q_norm``/``k_norm``.
+    qk_norm_eps: float | None = None
+    # Keys a query attends to at most, itself included (sliding-window layers), or None.
+    window: int | None = None
 
     def __post_init__(self):
         for name in ("n_heads", "n_kv_heads", "head_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AttentionSpec.{name} must be a positive int, got {value!r}.")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"AttentionSpec.window must be positive or None, got {self.window}.")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"AttentionSpec: n_heads={self.n_heads} is not a multiple of "
@@ -61,3 +71,24 @@ class AttentionSpec:
     def kv_width(self) -> int:
         """Outputs of the key (and value) projection, ``g * dh``."""
         return self.n_kv_heads * self.head_dim
+
+
+class QKExtras(NamedTuple):
+    """A layer's arrays that shape its queries, keys and values beside the kernels, exactly as
+    the model applies them; a family without them leaves them ``None`` (Llama has none).
+
+    The objective never prunes or fits them: biases are added after the (pruned) projection,
+    and the norm multipliers scale the per-head RMS-normalised q and k before RoPE (the family's
+    effective multiplier, such as Gemma's ``1 + w``).
+    """
+
+    # Query bias (h*dh,).
+    q_bias: jax.Array | None = None
+    # Key bias (g*dh,).
+    k_bias: jax.Array | None = None
+    # Value bias (g*dh,) (the output form of the term and the output error).
+    v_bias: jax.Array | None = None
+    # Multiplier of the per-head q RMSNorm (dh,) (with spec.qk_norm_eps).
+    q_norm: jax.Array | None = None
+    # Multiplier of the per-head k RMSNorm (dh,).
+    k_norm: jax.Array | None = None
