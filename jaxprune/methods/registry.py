@@ -15,7 +15,7 @@ from typing import Any
 from jaxprune.methods.base import Method, Request
 
 # The built-in methods, in the order --help lists them (and PruneConfig holds their sections).
-BUILTIN = ("dense", "magnitude", "wanda", "softmax", "sparsegpt", "admm", "alps")
+BUILTIN = ("dense", "magnitude", "wanda", "softmax", "sparsegpt", "admm", "alps", "d2prune")
 _METHODS: dict[str, Method] = {}
 
 
