@@ -5,7 +5,11 @@ beside the project root) holding the WikiText-2 test split as JSON lines and C4 
 documents as (gzipped) JSON lines, in the layouts the dataset hub serves, so a user with the hub's
 files and the project's machines use one code path.
 
-Every window here is tokenized without BOS (the tokenizer is asked for no special tokens).
+Every text is tokenized without BOS (the tokenizer is asked for no special tokens). For a model
+trained with BOS (Gemma 3, PROTOCOL.md) every window is BOS followed by ``seq_len - 1`` text tokens
+instead: the loaders signal it with the tokenizer's ``window_bos`` attribute
+(:class:`jaxprune.tokenizer.BosTokenizer`), or a caller passes ``bos=``. Without either, the
+windows are exactly the plain ``seq_len``-token slices.
 """
 
 from __future__ import annotations
@@ -231,6 +235,30 @@ def _tokens(tokenizer: TextTokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 
+def window_bos(tokenizer: TextTokenizer, bos: int | None = None) -> int | None:
+    """The token id every window starts with: ``bos`` when given, else the tokenizer's
+    ``window_bos`` attribute (set by the loaders for Gemma 3), else None (plain windows)."""
+    if bos is None:
+        bos = getattr(tokenizer, "window_bos", None)
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int | np.integer)):
+        raise DataError(f"bos={bos!r}: must be a token id (int) or None.")
+    return None if bos is None else int(bos)
+
+
+def _text_len(seq_len: int, bos: int | None) -> int:
+    """Text tokens per window: all of ``seq_len``, or one less when BOS leads it."""
+    if bos is not None and seq_len < 2:
+        raise DataError(f"seq_len={seq_len}: a window with BOS needs at least 2 tokens.")
+    return seq_len if bos is None else seq_len - 1
+
+
+def _with_bos(windows: np.ndarray, bos: int | None) -> np.ndarray:
+    """``windows (N, L)`` with a BOS column in front when ``bos`` is set: ``(N, L + 1)``."""
+    if bos is None:
+        return windows
+    return np.concatenate([np.full((len(windows), 1), bos, np.int32), windows], axis=1)
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int | np.integer) or value < 1):
         raise DataError(f"{name}={value!r}: must be a positive int (or None for the default).")
@@ -261,11 +289,14 @@ def calibration_windows(
     n_samples: int | None = None,
     seq_len: int = 2048,
     data_dir: str | Path | None = None,
+    bos: int | None = None,
 ) -> np.ndarray | list[np.ndarray]:
     """The calibration token windows of the protocol.
 
     ``standard``: C4 documents 0-999 joined with ``"\\n\\n"`` and tokenized once; ``N`` windows
-    of ``seq_len`` at the starts of :func:`window_starts` (windows may overlap).
+    of ``seq_len`` at the starts of :func:`window_starts` (windows may overlap). With BOS (see
+    :func:`window_bos`) each window is BOS and ``seq_len - 1`` text tokens, the starts drawn the
+    same way for that length.
     ``paper``: :func:`paper_calibration_sequences`. C4 documents are mostly shorter than 2,048
     tokens (documents 0-7 of the project's file have 76 to 2,041), so these sequences are ragged
     and come back as a list.
@@ -276,6 +307,8 @@ def calibration_windows(
       n_samples: number of windows ``N``; None for the protocol's 32 (standard) or 8 (paper).
       seq_len: window length ``T``; shorter than 2048 for fast runs.
       data_dir: folder of the C4 file; None for :func:`default_data_dir`.
+      bos: the token id in front of every window; None for the tokenizer's ``window_bos``
+        attribute when it has one, else no BOS.
 
     Returns:
       standard: ``(N, T)`` int32 token ids. paper: ``N`` int32 arrays of shape ``(T_i,)``,
@@ -287,13 +320,15 @@ def calibration_windows(
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol={protocol!r}: use one of {PROTOCOLS}.")
     if protocol == "paper":
-        return paper_calibration_sequences(tokenizer, n_samples, seq_len, data_dir)
+        return paper_calibration_sequences(tokenizer, n_samples, seq_len, data_dir, bos=bos)
     _positive("n_samples", n_samples)
     _positive("seq_len", seq_len)
+    bos = window_bos(tokenizer, bos)
     n = STANDARD_CALIBRATION_SAMPLES if n_samples is None else n_samples
     tokens = _tokens(tokenizer, "\n\n".join(read_c4(data_dir, *C4_CALIBRATION_DOCS)))
-    starts = window_starts(tokens.size, seq_len, n)
-    return tokens[starts[:, None] + np.arange(seq_len)]
+    length = _text_len(seq_len, bos)
+    starts = window_starts(tokens.size, length, n)
+    return _with_bos(tokens[starts[:, None] + np.arange(length)], bos)
 
 
 def paper_calibration_sequences(
@@ -301,14 +336,17 @@ def paper_calibration_sequences(
     n_samples: int | None = None,
     seq_len: int = 2048,
     data_dir: str | Path | None = None,
+    bos: int | None = None,
 ) -> list[np.ndarray]:
-    """The paper calibration's sequences: C4 documents 0..N-1, each cut to ``seq_len``.
+    """The paper calibration's sequences: C4 documents 0..N-1, each cut to ``seq_len`` (with
+    BOS: BOS and the document's first ``seq_len - 1`` tokens).
 
     Args:
       tokenizer: the model's tokenizer.
       n_samples: number of documents ``N``; None for the protocol's 8.
       seq_len: the most tokens kept per document.
       data_dir: folder of the C4 file; None for :func:`default_data_dir`.
+      bos: the token id in front of every sequence, as in :func:`calibration_windows`.
 
     Returns:
       ``N`` int32 arrays of shape ``(T_i,)`` with ``T_i <= seq_len``.
@@ -316,7 +354,15 @@ def paper_calibration_sequences(
     _positive("n_samples", n_samples)
     _positive("seq_len", seq_len)
     n = PAPER_CALIBRATION_DOCS if n_samples is None else n_samples
-    return [_tokens(tokenizer, doc)[:seq_len] for doc in read_c4(data_dir, 0, n)]
+    return _documents(tokenizer, read_c4(data_dir, 0, n), seq_len, window_bos(tokenizer, bos))
+
+
+def _documents(
+    tokenizer: TextTokenizer, docs: list[str], seq_len: int, bos: int | None
+) -> list[np.ndarray]:
+    """Each document's first ``seq_len`` tokens, or BOS and its first ``seq_len - 1``."""
+    length = _text_len(seq_len, bos)
+    return [_with_bos(_tokens(tokenizer, doc)[None, :length], bos)[0] for doc in docs]
 
 
 def _split_windows(
@@ -338,12 +384,14 @@ def eval_windows(
     n_windows: int | None,
     seq_len: int = 2048,
     data_dir: str | Path | None = None,
+    bos: int | None = None,
 ) -> np.ndarray:
     """Non-overlapping perplexity windows of the protocol.
 
     ``wikitext2``: the whole WikiText-2 test string tokenized without BOS, cut into consecutive
     windows (the tail dropped). ``c4``: C4 documents 1000-1999 joined with ``"\\n\\n"``, cut the
-    same way.
+    same way. With BOS (see :func:`window_bos`) the string is cut into consecutive
+    ``seq_len - 1``-token slices and each gets BOS in front: every text token is predicted.
 
     Args:
       tokenizer: the model's tokenizer.
@@ -352,6 +400,7 @@ def eval_windows(
         C4's first 32).
       seq_len: window length ``T``.
       data_dir: folder of the text files; None for :func:`default_data_dir`.
+      bos: the token id in front of every window, as in :func:`calibration_windows`.
 
     Returns:
       ``(N, T)`` int32 token ids.
@@ -363,32 +412,42 @@ def eval_windows(
         raise DataError(f"dataset={dataset!r}: use one of {DATASETS}.")
     _positive("n_windows", n_windows)
     _positive("seq_len", seq_len)
+    bos = window_bos(tokenizer, bos)
+    length = _text_len(seq_len, bos)
     if dataset == "wikitext2":
-        return _split_windows(
-            _tokens(tokenizer, read_wikitext(data_dir)), seq_len, n_windows, "WikiText-2"
+        windows = _split_windows(
+            _tokens(tokenizer, read_wikitext(data_dir)), length, n_windows, "WikiText-2"
         )
+        return _with_bos(windows, bos)
     tokens = _tokens(tokenizer, "\n\n".join(read_c4(data_dir, *C4_EVAL_DOCS)))
-    return _split_windows(
+    windows = _split_windows(
         tokens,
-        seq_len,
+        length,
         C4_EVAL_WINDOWS if n_windows is None else n_windows,
         "C4 documents 1000-1999",
     )
+    return _with_bos(windows, bos)
 
 
 def paper_eval_sequences(
-    tokenizer: TextTokenizer, data_dir: str | Path | None = None, seq_len: int = 2048
+    tokenizer: TextTokenizer,
+    data_dir: str | Path | None = None,
+    seq_len: int = 2048,
+    bos: int | None = None,
 ) -> list[np.ndarray]:
-    """The paper evaluation's sequences: C4 documents 1000-1127, each cut to ``seq_len``.
+    """The paper evaluation's sequences: C4 documents 1000-1127, each cut to ``seq_len`` (with
+    BOS: BOS and the document's first ``seq_len - 1`` tokens).
 
     Args:
       tokenizer: the model's tokenizer.
       data_dir: folder of the C4 file; None for :func:`default_data_dir`.
       seq_len: the most tokens kept per document.
+      bos: the token id in front of every sequence, as in :func:`calibration_windows`.
 
     Returns:
       128 int32 arrays of shape ``(T_i,)`` with ``T_i <= seq_len`` (documents differ in length;
       weight each by its number of predicted tokens).
     """
     _positive("seq_len", seq_len)
-    return [_tokens(tokenizer, doc)[:seq_len] for doc in read_c4(data_dir, *PAPER_EVAL_DOCS)]
+    bos = window_bos(tokenizer, bos)
+    return _documents(tokenizer, read_c4(data_dir, *PAPER_EVAL_DOCS), seq_len, bos)

@@ -1,10 +1,14 @@
-"""Byte-level BPE tokenizers: rebuilt from a GGUF file's metadata, or read from ``tokenizer.json``.
+"""Tokenizers rebuilt from a GGUF file's metadata, or read from ``tokenizer.json``.
 
 A GGUF file of a Llama-family model carries its tokenizer as metadata (``tokenizer.ggml.*``): the
 vocabulary in id order, the BPE merges in rank order, the token types, the special ids and the
 name of the pre-tokenizer. This module turns that metadata into a ``tokenizers.Tokenizer`` so the
 project needs no second download; the result must reproduce the Hugging Face tokenizer of the same
 model, and on WikiText-2 it round-trips the text exactly.
+
+Gemma's files hold a SentencePiece BPE vocabulary instead (``tokenizer.ggml.model = "llama"``,
+tokens with scores, byte-fallback tokens ``<0x00>``..``<0xFF>``, no merges): the merges are
+rebuilt from the vocabulary as transformers' GGUF converter does, so both tokenize alike.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ from typing import Any
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 # Token types of llama.cpp's vocabulary (gguf.TokenType): control tokens are special (never split,
 # skipped when decoding), user-defined ones are added tokens that decode as text.
@@ -25,6 +37,11 @@ _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 
 # The `tokenizer.ggml.model` values this module can rebuild: GPT-2 style byte-level BPE.
 _MODELS = ("gpt2",)
+# Architectures whose SentencePiece BPE vocabulary (`tokenizer.ggml.model = "llama"`) this module
+# rebuilds: Gemma's layout (no prefix space, byte fallback, whitespace-run tokens).
+_SENTENCEPIECE_ARCHS = ("gemma", "gemma2", "gemma3")
+# SentencePiece's word-boundary mark, which stands for a space inside tokens.
+_SPACE = "\u2581"
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -48,7 +65,8 @@ def _decoded_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
     """The ``tokenizer.*`` metadata of a GGUF file as plain Python values."""
     out: dict[str, Any] = {}
     for name, field in reader.fields.items():
-        if name.startswith("tokenizer."):
+        # The architecture decides how a SentencePiece vocabulary is rebuilt.
+        if name.startswith("tokenizer.") or name == "general.architecture":
             out[name] = field.contents()
     return out
 
@@ -72,9 +90,10 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
 
     Returns:
       A byte-level BPE ``tokenizers.Tokenizer`` with the file's vocabulary (``V`` tokens, ids in
-      file order), merges, special tokens, pre-tokenizer and byte-level decoder. BOS/EOS are added
-      to encodings only when the metadata says so (``tokenizer.ggml.add_bos_token`` /
-      ``add_eos_token``).
+      file order), merges, special tokens, pre-tokenizer and byte-level decoder; for a Gemma file
+      (``general.architecture`` gemma/gemma2/gemma3 with ``tokenizer.ggml.model = "llama"``) the
+      SentencePiece BPE of :func:`sentencepiece_from_gguf`. BOS/EOS are added to encodings only
+      when the metadata says so (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``).
 
     Raises:
       ValueError: the metadata lacks a needed key, or describes a tokenizer type or pre-tokenizer
@@ -91,10 +110,13 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
         )
 
     kind = _require(fields, "tokenizer.ggml.model")
+    if kind == "llama" and fields.get("general.architecture") in _SENTENCEPIECE_ARCHS:
+        return sentencepiece_from_gguf(fields)
     if kind not in _MODELS:
         raise ValueError(
-            f"tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE: {_MODELS}); "
-            "load the model's tokenizer.json with load_tokenizer(path) instead."
+            f"tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE: {_MODELS}, and "
+            f"the SentencePiece vocabulary of {_SENTENCEPIECE_ARCHS} files); load the model's "
+            "tokenizer.json with load_tokenizer(path) instead."
         )
     tokens = list(_require(fields, "tokenizer.ggml.tokens"))
     merges_text = list(_require(fields, "tokenizer.ggml.merges"))
@@ -145,6 +167,12 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
             ]
         )
 
+    _add_bos_eos(tokenizer, fields, tokens)
+    return tokenizer
+
+
+def _add_bos_eos(tokenizer: Tokenizer, fields: Mapping[str, Any], tokens: list[str]) -> None:
+    """Adds BOS/EOS to single and pair encodings when the metadata asks for them."""
     add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
@@ -162,10 +190,109 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
         eos = [pieces[-1]] if add_eos else []
         tokenizer.post_processor = processors.TemplateProcessing(
             single=" ".join([*bos, "$A", *eos]),
-            pair=" ".join([*bos, "$A", *eos, *bos, "$B:1", *eos]),
+            # The second sequence and its specials carry type id 1, as transformers writes them.
+            pair=" ".join([*bos, "$A", *eos, *(f"{p}:1" for p in (*bos, "$B", *eos))]),
             special_tokens=specials,
         )
+
+
+def sentencepiece_from_gguf(fields: Mapping[str, Any]) -> Tokenizer:
+    """Rebuilds a Gemma GGUF file's SentencePiece BPE tokenizer as a ``tokenizers.Tokenizer``.
+
+    The file lists tokens with scores and types but no merges. As transformers' GGUF converter
+    does (``gemma_tokenizer``), the merges are every split of a token into two tokens, ranked by
+    the merged token's position in the file (then the longer left piece first), and a token of
+    two or more spaces is spelled with ``"▁"`` as the rest of the vocabulary is. The position is
+    the rank the scores encode: in Gemma 3's file every normal token's score is minus its rank
+    (strictly decreasing in file order); only the control and user-defined tokens carry a flat
+    ``-1000``, which would push the whitespace-run tokens behind thousands of merges. Spaces
+    become ``"▁"`` (no prefix space is added), unknown characters fall back to the byte tokens
+    ``<0x00>``..``<0xFF>``, control tokens are special and user-defined tokens (``"\n"``,
+    ``"\n\n"``, HTML tags, ...) are matched whole.
+
+    Args:
+      fields: metadata key -> decoded value, as ``tokenizer_from_gguf`` takes
+        (``tokenizer.ggml.tokens``, ``token_type``, ``unknown_token_id``, BOS/EOS ids and flags).
+
+    Returns:
+      The tokenizer: ``V`` tokens with the file's ids, BOS added when
+      ``tokenizer.ggml.add_bos_token`` says so, and a decoder back to text.
+
+    Raises:
+      ValueError: a needed key is missing, or the vocabulary has duplicate tokens.
+    """
+    raw = list(_require(fields, "tokenizer.ggml.tokens"))
+    # Runs of spaces are stored with real spaces; the normalizer turns text spaces into "▁".
+    tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in raw]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(
+            f"tokenizer.ggml.tokens holds {len(tokens) - len(vocab)} duplicate tokens; the file's "
+            "vocabulary is corrupt, fetch the model file again."
+        )
+    merges = [
+        (token[:cut], token[cut:])
+        for token in tokens
+        for cut in range(len(token) - 1, 0, -1)
+        if token[:cut] in vocab and token[cut:] in vocab
+    ]
+    unk = tokens[int(fields.get("tokenizer.ggml.unknown_token_id", vocab.get("<unk>", 0)))]
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
+    tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+    # As transformers' GemmaTokenizer (a no-op after the normalizer, kept for identical output).
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    types = fields.get("tokenizer.ggml.token_type")
+    if types is not None:
+        types = np.asarray(types)
+        if types.shape != (len(tokens),):
+            raise ValueError(
+                f"tokenizer.ggml.token_type has {types.size} entries for {len(tokens)} tokens; the "
+                "file's vocabulary is corrupt, fetch the model file again."
+            )
+        tokenizer.add_special_tokens(
+            [
+                AddedToken(tokens[i], special=True, normalized=False)
+                for i in np.flatnonzero(types == _CONTROL)
+            ]
+        )
+        # Respelled whitespace runs are ordinary BPE tokens, not matched whole.
+        tokenizer.add_tokens(
+            [
+                AddedToken(tokens[i], special=False, normalized=False)
+                for i in np.flatnonzero(types == _USER_DEFINED)
+                if tokens[i] == raw[i]
+            ]
+        )
+    _add_bos_eos(tokenizer, fields, tokens)
     return tokenizer
+
+
+class BosTokenizer:
+    """A tokenizer whose protocol windows start with BOS (PROTOCOL.md, Gemma 3).
+
+    ``tokenizers.Tokenizer`` cannot be subclassed (it is a Rust type), so this wrapper forwards
+    every attribute to the wrapped tokenizer and adds :attr:`window_bos`, which
+    :mod:`jaxprune.data` reads to put BOS in front of each evaluation and calibration window.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, window_bos: int):
+        """Wraps ``tokenizer``; ``window_bos`` is the id that starts every window."""
+        self.tokenizer = tokenizer
+        # The token id in front of every evaluation and calibration window.
+        self.window_bos = int(window_bos)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tokenizer":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __repr__(self) -> str:
+        return f"BosTokenizer(window_bos={self.window_bos}, {self.tokenizer!r})"
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -1,8 +1,10 @@
 """Hugging Face model folders: ``config.json`` plus one or several ``*.safetensors`` files.
 
 Reads the layout ``transformers`` writes (a single ``model.safetensors``, or shards listed by
-``model.safetensors.index.json``) and writes a folder that ``LlamaForCausalLM.from_pretrained``
-loads, so a pruned model can leave jaxprune for any Hugging Face tool.
+``model.safetensors.index.json``) and writes a folder that ``transformers`` loads
+(``LlamaForCausalLM``, ``Gemma3ForCausalLM``, ...), so a pruned model can leave jaxprune for any
+Hugging Face tool. The family comes from ``config.json``'s ``model_type``
+(:data:`jaxprune.models.FAMILIES`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ import safetensors
 import safetensors.numpy
 
 from jaxprune.loaders.params import tensors_from_model
-from jaxprune.models import FAMILIES
+from jaxprune.models import FAMILIES, config_class
 from jaxprune.models.llama import Llama, LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# config.json model types whose architecture jaxprune.models.llama.Llama implements exactly.
+# config.json model types whose architecture a jaxprune model family implements exactly.
 MODEL_TYPES = tuple(FAMILIES)
+# config.json "architectures" entries -> model_type, for configs that lack model_type.
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "LlamaModel": "llama",
+    "Gemma3ForCausalLM": "gemma3_text",
+}
 
 
 class WeightFileError(OSError):
@@ -39,34 +47,35 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from err
 
 
-def _check_model_type(hf_config: dict, config_path: Path) -> None:
-    """Refuses a config.json of another architecture (GPT-2, Qwen, ...): its tensors could load
-    into the wrong places or its layers compute something else."""
+def _model_type(hf_config: dict, config_path: Path) -> str:
+    """The family key of a config.json; refuses another architecture (GPT-2, Qwen, ...), whose
+    tensors could load into the wrong places or whose layers compute something else."""
     model_type = hf_config.get("model_type")
     archs = hf_config.get("architectures") or []
     if model_type is None and archs:
-        model_type = archs[0]
-        known = model_type in ("LlamaForCausalLM", "LlamaModel")
-    else:
-        known = model_type is None or model_type in MODEL_TYPES
-    if not known:
+        model_type = _ARCHITECTURES.get(archs[0], archs[0])
+    elif model_type is None:
+        model_type = "llama"  # the oldest Llama configs name neither
+    if model_type not in MODEL_TYPES:
         raise WeightFileError(
-            f"{config_path} describes a {model_type!r} model; jaxprune implements the Llama "
-            f"architecture only (model_type {' or '.join(map(repr, MODEL_TYPES))}: Llama 2/3, "
-            "SmolLM2, TinyLlama, ...). Pass a Llama-family model."
+            f"{config_path} describes a {model_type!r} model; jaxprune implements the model "
+            f"types {', '.join(map(repr, MODEL_TYPES))} (Llama 2/3, SmolLM2, TinyLlama, ...; "
+            "Gemma 3 text decoders). Pass a model of one of these families."
         )
+    return model_type
 
 
 def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """Reads a Hugging Face Llama folder.
+    """Reads a Hugging Face folder of a supported family (Llama, Gemma 3 text).
 
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` or
         ``model.safetensors.index.json`` plus the shards it names.
 
     Returns:
-      ``(config, tensors)``: tensors keyed by Hugging Face name in PyTorch layout, in the dtype
-      the files store (bfloat16 arrives as ``ml_dtypes.bfloat16``).
+      ``(config, tensors)``: the family's config (:class:`LlamaConfig`, ``Gemma3Config``, ...);
+      tensors keyed by Hugging Face name in PyTorch layout, in the dtype the files store
+      (bfloat16 arrives as ``ml_dtypes.bfloat16``).
     """
     folder = Path(path)
     config_path = folder / "config.json"
@@ -78,9 +87,9 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
         raise WeightFileError(f"{config_path} is not valid JSON: {err}") from err
     if not isinstance(hf_config, dict):
         raise WeightFileError(f"{config_path} holds no JSON object; it is no model config.")
-    _check_model_type(hf_config, config_path)
+    model_type = _model_type(hf_config, config_path)
     try:
-        config = LlamaConfig.from_hf_config(hf_config)
+        config = config_class(model_type).from_hf_config(hf_config)
     except (ValueError, TypeError, KeyError) as err:
         raise WeightFileError(f"{config_path}: {err}") from err
 
@@ -116,7 +125,8 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
 def write_hf_folder(
     model: Llama, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None
 ) -> Path:
-    """Writes ``model`` as a folder that ``transformers.LlamaForCausalLM.from_pretrained`` loads.
+    """Writes ``model`` as a folder that ``transformers`` loads (``LlamaForCausalLM``,
+    ``Gemma3ForCausalLM``: the class ``config.json`` names).
 
     Args:
       model: the model to save (tied models store no ``lm_head.weight``, as transformers does).

@@ -1,13 +1,17 @@
-"""Hugging Face tensor names and layout <-> the parameters of :class:`jaxprune.models.llama.Llama`.
+"""Hugging Face tensor names and layout <-> the parameters of a model family's NNX model.
 
-One table maps each Hugging Face tensor name (PyTorch layout, linear weights ``(out, in)``) to a
-path in the model's NNX state and says how to transform it. Loading fills an abstract model built
-with ``nnx.eval_shape`` (no random weights are ever materialised) and reports every mismatch at
-once, so a wrong checkpoint is diagnosed in one run instead of one error per attempt.
+One table per family maps each Hugging Face tensor name (PyTorch layout, linear weights
+``(out, in)``) to a path in the model's NNX state and says how to transform it: Llama's is here,
+another family's is its module's ``HF_PARAMS`` (for example
+:data:`jaxprune.models.gemma3.HF_PARAMS`); the family comes from the config's class. Loading
+fills an abstract model built with ``nnx.eval_shape`` (no random weights are ever materialised)
+and reports every mismatch at once, so a wrong checkpoint is diagnosed in one run instead of one
+error per attempt.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 
@@ -16,17 +20,18 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
+from jaxprune.models import model_class
 from jaxprune.models.llama import Llama, LlamaConfig
 
 
 class WeightLoadError(UserError, ValueError):
     """The tensors do not fit the model; the message lists every problem found."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], family: str = "Llama"):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(
-            f"{len(problems)} problem(s) loading weights into the Llama model:\n{lines}\n"
+            f"{len(problems)} problem(s) loading weights into the {family} model:\n{lines}\n"
             "Check that config.json (or the GGUF metadata) matches the weight files."
         )
 
@@ -78,6 +83,19 @@ _HF_TO_MODEL = [(_pattern(hf), path, fn) for hf, path, fn in _TABLE]
 _MODEL_TO_HF = [(_pattern(path), hf, fn) for hf, path, fn in _TABLE]
 
 
+def _rules(model_cls: type) -> tuple[list, list]:
+    """``(HF -> model, model -> HF)`` rules of a family: its module's ``HF_PARAMS`` table of
+    ``(HF name, state path, transposed)``, or Llama's table above."""
+    table = getattr(importlib.import_module(model_cls.__module__), "HF_PARAMS", None)
+    if table is None:
+        return _HF_TO_MODEL, _MODEL_TO_HF
+    rows = [(hf, path, _transpose if transposed else _same) for hf, path, transposed in table]
+    return (
+        [(_pattern(hf), path, fn) for hf, path, fn in rows],
+        [(_pattern(path), hf, fn) for hf, path, fn in rows],
+    )
+
+
 def _translate(name: str, rules) -> tuple[str, Callable] | None:
     for pattern, template, fn in rules:
         match = pattern.fullmatch(name)
@@ -94,10 +112,11 @@ def _path_key(path: tuple) -> str:
 def model_from_tensors(
     config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32
 ) -> Llama:
-    """Builds a :class:`Llama` holding the given Hugging Face tensors.
+    """Builds the model of ``config``'s family (:class:`Llama`, ``Gemma3``, ...) holding the given
+    Hugging Face tensors.
 
     Args:
-      config: the model's shape.
+      config: the model's shape (its class decides the family).
       tensors: Hugging Face names -> arrays in PyTorch layout, e.g.
         ``model.layers.{i}.self_attn.q_proj.weight`` of shape ``(out, in)``,
         ``model.embed_tokens.weight`` ``(vocab, d)``; ``lm_head.weight`` may be absent when the
@@ -108,7 +127,9 @@ def model_from_tensors(
       The model. Raises :class:`WeightLoadError` listing every missing tensor, tensor of the wrong
       shape, and unknown name.
     """
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype, rngs=nnx.Rngs(0)))
+    model_cls = model_class(config)
+    hf_to_model, model_to_hf = _rules(model_cls)
+    abstract = nnx.eval_shape(lambda: model_cls(config, dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     slots = {_path_key(path): (path, var) for path, var in nnx.to_flat_state(state)}
 
@@ -117,7 +138,7 @@ def model_from_tensors(
         if _IGNORED.fullmatch(name):
             continue
         value = np.asarray(tensors[name])
-        hit = _translate(name, _HF_TO_MODEL)
+        hit = _translate(name, hf_to_model)
         if name == "lm_head.weight" and config.tie_embeddings:
             embed = tensors.get("model.embed_tokens.weight")
             # transformers' state_dict() lists the tied head too; harmless when it is the same.
@@ -146,10 +167,10 @@ def model_from_tensors(
         filled[key] = fn(value)
     for key in slots:
         if key not in filled and key not in misfit:
-            hf_name = _translate(key, _MODEL_TO_HF)[0]
+            hf_name = _translate(key, model_to_hf)[0]
             problems.append(f"missing tensor {hf_name} (model parameter {key})")
     if problems:
-        raise WeightLoadError(problems)
+        raise WeightLoadError(problems, model_cls.__name__)
 
     flat = [
         (path, var.replace(jnp.asarray(filled[key], dtype=dtype)))
@@ -162,17 +183,18 @@ def tensors_from_model(model: Llama) -> dict[str, np.ndarray]:
     """The inverse of :func:`model_from_tensors`: Hugging Face names, PyTorch layout.
 
     Args:
-      model: a :class:`Llama` (possibly pruned).
+      model: a :class:`Llama` or another family's model (possibly pruned).
 
     Returns:
       Hugging Face name -> NumPy array (linear weights ``(out, in)``); no ``lm_head.weight``
       when the embeddings are tied, as Hugging Face checkpoints store them.
     """
+    _, model_to_hf = _rules(type(model))
     _, state = nnx.split(model)
     tensors = {}
     for path, var in nnx.to_flat_state(state):
         key = _path_key(path)
-        hit = _translate(key, _MODEL_TO_HF)
+        hit = _translate(key, model_to_hf)
         if hit is None:
             raise ValueError(f"model parameter {key} has no Hugging Face name in the loader table.")
         name, fn = hit

