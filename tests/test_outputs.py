@@ -186,6 +186,15 @@ def test_full_disk_during_export_removes_the_partial_export_and_the_run_resumes(
     files = ["config.json", "model.safetensors", "tokenizer.json"]
     assert sorted(p.name for p in target.iterdir()) == files
     assert hidden(exports) == [] and snapshot(exports / "earlier") == earlier
+    # Every exported file has the mode the umask gives a new file (safetensors alone made 0600).
+    modes = {f: (target / f).stat().st_mode & 0o777 for f in files}
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_ctrl_c_during_export_leaves_no_partial_and_later_exports_clear_dead_ones(world):
@@ -341,3 +350,14 @@ def test_a_failed_write_holds_back_the_writers_logging(tmp_path, capsys):
         print("a warning", file=sys.stderr)
     assert capsys.readouterr().err == "a warning\n"
     assert absl.propagate and not any(type(h).__name__ == "_Hold" for h in absl.handlers)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exported_weights_get_the_mode_of_the_other_files(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        folder = write_tiny_model(tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
