@@ -7,9 +7,13 @@ Each case runs the real command line in a subprocess on a tiny random model and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +108,57 @@ def test_hub_id_without_network_is_one_line(world, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     args = tiny(world, "--model", "HuggingFaceTB/SmolLM2-135M")
     run_and_check(world, args, "prune", "cannot reach the Hugging Face hub", env=env)
+
+
+@contextlib.contextmanager
+def silent_server(lifetime: float = 30.0):
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hub or proxy that
+    hangs); it stops when the block ends, or by itself after ``lifetime`` seconds."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    done = threading.Event()
+
+    def serve():
+        held, deadline = [], time.monotonic() + lifetime
+        while not done.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+        for conn in held:
+            conn.close()
+        server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_hub_that_never_answers_is_one_line_naming_the_timeout(world, tmp_path):
+    with silent_server() as endpoint:
+        env = {
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_ETAG_TIMEOUT": "1",  # huggingface_hub's default is 10 s
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "NO_PROXY": "*",
+            "no_proxy": "*",
+        }
+        args = ["eval", "--model", "HuggingFaceTB/SmolLM2-135M", "--data-dir", str(world / "data")]
+        start = time.monotonic()
+        run_and_check(
+            world,
+            args,
+            "eval",
+            f"the Hugging Face hub at {endpoint} did not answer within 1 s",
+            "while fetching HuggingFaceTB/SmolLM2-135M",
+            "allow more time with HF_HUB_ETAG_TIMEOUT=60 (seconds; now 1)",
+            env=env,
+        )
+        assert time.monotonic() - start < 25  # not the server giving up after its lifetime
 
 
 def test_pattern_that_does_not_divide_the_inputs_is_refused_before_calibration(world):
