@@ -218,6 +218,15 @@ def test_bad_settings_are_refused_before_the_model_loads(world, flags, needles):
     run_and_check(world, args, "prune", *needles)
 
 
+def test_unknown_key_in_a_config_file_names_the_file(world, tmp_path):
+    config = tmp_path / "prune.yaml"
+    config.write_text("method: wanda\nsparsty: 0.5\n")
+    args = tiny(world, "--model", "./no-such-model", "--config", str(config))
+    run_and_check(
+        world, args, "prune", f"unknown key 'sparsty' in {config}; did you mean 'sparsity'?"
+    )
+
+
 def test_layer_index_beyond_the_model_is_refused(world):
     run_and_check(world, tiny(world, "--layers", "[99]"), "prune", "layers=[99]", "4 layers")
 
