@@ -2,7 +2,8 @@
 fix, exit status 2, found before the work it would spoil, and earlier results left untouched.
 
 Each case runs the real command line in a subprocess on a tiny random model and tiny data
-(``tests/tiny_run.py``); only the truncated-GGUF case reads the cached default model's file.
+(``tests/tiny_run.py``); only the truncated-GGUF case reads the default model's file (slow: fetched
+once per session, see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -75,14 +76,10 @@ def run_and_check(world: Path, args: list[str], command: str, *needles: str, **k
     return err
 
 
-def test_truncated_gguf_is_one_line_for_prune_and_eval(world, tmp_path):
-    from jaxprune.loaders.gguf import MODELS, default_cache_dir
-
-    full = default_cache_dir() / MODELS["smollm2-135m"].filename
-    if not full.is_file():
-        pytest.skip("the default model is not cached")
+@pytest.mark.slow
+def test_truncated_gguf_is_one_line_for_prune_and_eval(world, tmp_path, default_model_path):
     cut = tmp_path / "cut.gguf"
-    with open(full, "rb") as f:
+    with open(default_model_path, "rb") as f:
         cut.write_bytes(f.read(10 * 2**20))
     for command in ("prune", "eval"):
         args = [command, "--model", str(cut), "--data-dir", str(world / "data")]
