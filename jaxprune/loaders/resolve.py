@@ -73,7 +73,8 @@ def _hub_timeout_hook(request) -> None:
 
 
 def _bound_hub_requests() -> None:
-    """Adds :func:`_hub_timeout_hook` to huggingface_hub's shared HTTP client, once."""
+    """Adds :func:`_hub_timeout_hook` to huggingface_hub's shared HTTP client, once (so it
+    bounds the process's later hub requests too, with the same setting)."""
     from huggingface_hub.utils import get_session
 
     hooks = getattr(get_session(), "event_hooks", None)  # None: an older, requests-based hub
