@@ -8,6 +8,7 @@ loads, so a pruned model can leave jaxprune for any Hugging Face tool.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,4 +160,7 @@ def write_hf_folder(
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(folder / "tokenizer.json"))
+    # safetensors creates its files with mode 0600; give them config.json's (0666 less the umask).
+    for file in folder.glob("*.safetensors"):
+        shutil.copymode(folder / "config.json", file)
     return folder
