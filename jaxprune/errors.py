@@ -13,6 +13,7 @@ nothing of the package, so every module can import it.
 
 from __future__ import annotations
 
+import errno
 import re
 
 
@@ -41,6 +42,16 @@ class ResumeError(UserError, ValueError):
     """A run folder cannot be resumed with these settings."""
 
 
+class DiskFullError(OutputError):
+    """A folder's disk has no room for what the run writes there (``errno`` is ``ENOSPC``)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is bad input (one line, exit 2) rather than a bug (traceback).
 
@@ -55,6 +66,26 @@ def is_out_of_memory(err: BaseException) -> bool:
     return type(err).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and (
         "RESOURCE_EXHAUSTED" in str(err)
     )
+
+
+# How a full disk reads in the errors of the libraries that write files: OSError's strerror, Rust's
+# io::Error (safetensors) and tensorstore's status text (orbax).
+_DISK_FULL = re.compile(r"No space left on device|StorageFull|ENOSPC|os_error_code='28'")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, is a full disk (``ENOSPC``), however the
+    library that wrote the file reports it (orbax raises ``ValueError("RESOURCE_EXHAUSTED: ...
+    No space left on device")``, safetensors a ``SafetensorError``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if _DISK_FULL.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def one_line(err: BaseException, max_items: int = 4) -> str:

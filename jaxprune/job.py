@@ -1,9 +1,10 @@
 """One pruning job end to end: check, load, calibrate, prune, evaluate, save, report.
 
 Everything that can be checked is checked before the work it protects: the data files and output
-folders before the model is loaded, the settings against the model's shapes and every data
-window (calibration, held-out, evaluation) before pruning starts. Each pruned layer is saved as it
-finishes (:mod:`jaxprune.resume`), so a stopped run continues with ``--resume RUN_DIR``.
+folders before the model is loaded, the settings against the model's shapes, the export's disk space
+and every data window (calibration, held-out, evaluation) before pruning starts. Each pruned layer
+is saved as it finishes (:mod:`jaxprune.resume`), so a stopped run continues with ``--resume
+RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxprune import data, results, resume
+from jaxprune import data, outputs, results, resume
 from jaxprune.config import to_dict, yaml_text
 from jaxprune.errors import ModelError, OutputError
 from jaxprune.loaders.resolve import load_model
@@ -87,53 +87,6 @@ def evaluate(model, tokenizer, cfg: PruneConfig, sequences: dict | None = None) 
     }
 
 
-def check_export_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Checks that ``--export-hf`` may write ``path``: absent or empty, or (with ``overwrite``)
-    an earlier Hugging Face export.
-
-    Raises:
-      OutputError: the path is a file, holds earlier files and ``overwrite`` is off, or holds
-        files that are no model export (never replaced, even with ``overwrite``).
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--export-hf {path}: that is a file, not a folder; choose a folder.")
-    if not path.is_dir() or not any(path.iterdir()):
-        return path
-    if not overwrite:
-        raise OutputError(
-            f"--export-hf {path}: the folder is not empty (an earlier export?); choose a new "
-            "folder, or add --overwrite to replace that export."
-        )
-    if not (path / "config.json").is_file():
-        raise OutputError(
-            f"--export-hf {path}: the folder holds files but no config.json, so it is no earlier "
-            "model export; it is not replaced even with --overwrite. Choose another folder."
-        )
-    return path
-
-
-def export_hf_folder(model, path: str | Path, tokenizer=None) -> Path:
-    """Writes the Hugging Face folder into a temporary sibling and renames it into place when
-    complete, so a stopped export leaves no half-written model (and an earlier export stays
-    whole until the new one is complete)."""
-    from jaxprune.loaders.hf import write_hf_folder
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    write_hf_folder(model, partial, tokenizer=tokenizer)
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        path.rename(old)
-        partial.rename(path)
-        shutil.rmtree(old)
-    else:
-        partial.rename(path)
-    return path
-
-
 def _check_out(out: str | Path) -> None:
     path = Path(out)
     for parent in (path, *path.parents):
@@ -146,17 +99,17 @@ def _check_out(out: str | Path) -> None:
 
 
 def save_outputs(run_dir: Path, model, masks: dict, cfg: PruneConfig) -> list[str]:
-    """Masks (always) and pruned parameters (``save_params``) as orbax checkpoints."""
+    """Masks (always) and pruned parameters (``save_params``) as orbax checkpoints; complete ones
+    left by an earlier try of a resumed run are kept (the same settings give the same bits)."""
     written = []
-    ckpt = ocp.StandardCheckpointer()
+    fix = " (or move the run folder to a larger disk and resume it from there)"
     tree = {str(layer): {k: np.asarray(v) for k, v in m.items()} for layer, m in masks.items()}
     if tree:
-        ckpt.save((run_dir / "masks").absolute(), tree)
+        outputs.save_checkpoint(run_dir / "masks", tree, fix)
         written.append("masks/")
     if cfg.save_params and registry.get(cfg.method).prunes:
-        ckpt.save((run_dir / "params").absolute(), nnx.state(model, nnx.Param))
+        outputs.save_checkpoint(run_dir / "params", nnx.state(model, nnx.Param), fix)
         written.append("params/")
-    ckpt.wait_until_finished()
     return written
 
 
@@ -194,7 +147,7 @@ def run_job(
     data.require_files(needed_data(cfg), cfg.data_dir)
     _check_out(cfg.out)
     if export_hf:
-        check_export_dir(export_hf, overwrite)
+        outputs.check_export_dir(export_hf, overwrite)
     if resume_dir is not None:
         resume.check_resumable(resume_dir, config, to_dict(PruneConfig()))
     model, tokenizer = load_model(cfg.model)
@@ -203,8 +156,12 @@ def run_job(
             f"model {cfg.model!r} came without a tokenizer; pass a folder with "
             "tokenizer.json or a .gguf file with tokenizer metadata."
         )
-    # Before calibrating: the settings against the model's shapes, then every data window.
+    # Before calibrating: the settings against the model's shapes, the export's disk space (the
+    # export comes last, after hours of work), then every data window.
     check_model(cfg, model.config)
+    if export_hf:
+        needed = outputs.export_bytes(model, tokenizer)
+        outputs.require_free_space(export_hf, needed, f"--export-hf {export_hf}: the export")
     calib = data.calibration_windows(
         tokenizer,
         cfg.calibration.protocol,
@@ -249,7 +206,7 @@ def run_job(
         ppl = evaluate(model, tokenizer, cfg, sequences)
         files = save_outputs(run_dir, model, report["masks"], cfg)
         if export_hf:
-            export_hf_folder(model, export_hf, tokenizer=tokenizer)
+            outputs.export_hf_folder(model, export_hf, tokenizer=tokenizer)
     except BaseException as err:  # Ctrl-C too: say how to go on
         if saved:
             err.add_note(

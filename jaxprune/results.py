@@ -12,15 +12,22 @@ from typing import Any
 
 
 def new_run_dir(base: str | Path) -> Path:
-    """A fresh ``base/<UTC timestamp>`` folder (suffixed if taken), so no result is overwritten."""
+    """A fresh ``base/<UTC timestamp>`` folder (suffixed ``-2``, ``-3``, ... if taken), so no
+    result is overwritten.
+
+    Creating the folder is the test of whether it is free (``mkdir`` fails on an existing one), so
+    runs started in the same second, in threads or processes, each get their own.
+    """
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    path = Path(base) / stamp
+    Path(base).mkdir(parents=True, exist_ok=True)
     i = 1
-    while path.exists():
-        i += 1
-        path = Path(base) / f"{stamp}-{i}"
-    path.mkdir(parents=True)
-    return path
+    while True:
+        path = Path(base) / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            i += 1
 
 
 def command_line() -> str:

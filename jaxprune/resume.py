@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxprune import checkpoints
+from jaxprune import checkpoints, outputs
 from jaxprune.errors import ResumeError
 from jaxprune.prune_config import flat_settings
 
@@ -123,13 +123,23 @@ class LayerStore:
         return sorted(self.manager.all_steps())
 
     def save(self, layer: int, masks: dict, kernels: dict, info: dict) -> None:
-        """Saves one finished layer (and waits, so a kill after this returns keeps it)."""
+        """Saves one finished layer (and waits, so a kill after this returns keeps it).
+
+        Raises:
+          DiskFullError: the disk filled up (in one line, without orbax's logging).
+        """
         state = {
             "masks": {k: np.asarray(v) for k, v in masks.items()},
             "kernels": {k: np.asarray(v) for k, v in kernels.items()},
         }
         meta = {"fingerprint": self.fingerprint, "info": json.loads(json.dumps(info))}
-        checkpoints.save(self.manager, layer, state, meta)
+        fix = " (or move the run folder to a larger disk and resume it from there)"
+        try:
+            with outputs.writing(self.directory, f"layer {layer}", outputs.tree_bytes(state), fix):
+                checkpoints.save(self.manager, layer, state, meta)
+        except BaseException:
+            outputs.remove_orbax_tmp(self.directory / str(layer))  # its space, for the user
+            raise
 
     def restore(self, layer: int, like: dict) -> tuple[dict, dict, dict]:
         """Restores one layer.

@@ -2,14 +2,19 @@
 fix, exit status 2, found before the work it would spoil, and earlier results left untouched.
 
 Each case runs the real command line in a subprocess on a tiny random model and tiny data
-(``tests/tiny_run.py``); only the truncated-GGUF case reads the cached default model's file.
+(``tests/tiny_run.py``); only the truncated-GGUF case reads the default model's file (slow: fetched
+once per session, see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +76,10 @@ def run_and_check(world: Path, args: list[str], command: str, *needles: str, **k
     return err
 
 
-def test_truncated_gguf_is_one_line_for_prune_and_eval(world, tmp_path):
-    from jaxprune.loaders.gguf import MODELS, default_cache_dir
-
-    full = default_cache_dir() / MODELS["smollm2-135m"].filename
-    if not full.is_file():
-        pytest.skip("the default model is not cached")
+@pytest.mark.slow
+def test_truncated_gguf_is_one_line_for_prune_and_eval(world, tmp_path, default_model_path):
     cut = tmp_path / "cut.gguf"
-    with open(full, "rb") as f:
+    with open(default_model_path, "rb") as f:
         cut.write_bytes(f.read(10 * 2**20))
     for command in ("prune", "eval"):
         args = [command, "--model", str(cut), "--data-dir", str(world / "data")]
@@ -104,6 +105,57 @@ def test_hub_id_without_network_is_one_line(world, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     args = tiny(world, "--model", "HuggingFaceTB/SmolLM2-135M")
     run_and_check(world, args, "prune", "cannot reach the Hugging Face hub", env=env)
+
+
+@contextlib.contextmanager
+def silent_server(lifetime: float = 30.0):
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hub or proxy that
+    hangs); it stops when the block ends, or by itself after ``lifetime`` seconds."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    done = threading.Event()
+
+    def serve():
+        held, deadline = [], time.monotonic() + lifetime
+        while not done.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+        for conn in held:
+            conn.close()
+        server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_hub_that_never_answers_is_one_line_naming_the_timeout(world, tmp_path):
+    with silent_server() as endpoint:
+        env = {
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_ETAG_TIMEOUT": "1",  # huggingface_hub's default is 10 s
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "NO_PROXY": "*",
+            "no_proxy": "*",
+        }
+        args = ["eval", "--model", "HuggingFaceTB/SmolLM2-135M", "--data-dir", str(world / "data")]
+        start = time.monotonic()
+        run_and_check(
+            world,
+            args,
+            "eval",
+            f"the Hugging Face hub at {endpoint} did not answer within 1 s",
+            "while fetching HuggingFaceTB/SmolLM2-135M",
+            "allow more time with HF_HUB_ETAG_TIMEOUT=60 (seconds; now 1)",
+            env=env,
+        )
+        assert time.monotonic() - start < 25  # not the server giving up after its lifetime
 
 
 def test_pattern_that_does_not_divide_the_inputs_is_refused_before_calibration(world):
@@ -161,6 +213,15 @@ def test_weights_with_random_bytes_are_refused_naming_a_tensor(world, tmp_path):
 def test_bad_settings_are_refused_before_the_model_loads(world, flags, needles):
     args = tiny(world, "--model", "./no-such-model", *flags)
     run_and_check(world, args, "prune", *needles)
+
+
+def test_unknown_key_in_a_config_file_names_the_file(world, tmp_path):
+    config = tmp_path / "prune.yaml"
+    config.write_text("method: wanda\nsparsty: 0.5\n")
+    args = tiny(world, "--model", "./no-such-model", "--config", str(config))
+    run_and_check(
+        world, args, "prune", f"unknown key 'sparsty' in {config}; did you mean 'sparsity'?"
+    )
 
 
 def test_layer_index_beyond_the_model_is_refused(world):

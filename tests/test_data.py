@@ -185,13 +185,12 @@ def test_bad_arguments(small_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm():
+def smollm(default_model_path):
     import gguf
 
-    from jaxprune.loaders.gguf import fetch_default_model
     from jaxprune.tokenizer import tokenizer_from_gguf
 
-    return tokenizer_from_gguf(gguf.GGUFReader(fetch_default_model()))
+    return tokenizer_from_gguf(gguf.GGUFReader(default_model_path))
 
 
 @pytest.mark.slow

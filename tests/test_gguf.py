@@ -383,8 +383,8 @@ def test_cache_dir_setting(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def default_path() -> Path:
-    return loader.fetch_default_model()
+def default_path(default_model_path) -> Path:
+    return default_model_path
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory):
-    from jaxprune.loaders.gguf import FetchError, fetch_default_model
-
-    try:
-        fetch_default_model()
-    except FetchError as err:
-        pytest.skip(f"default model unavailable: {err}")
+def pruned_run(tmp_path_factory, default_model_path):
     tmp = tmp_path_factory.mktemp("prune")
     argv = [
         "prune",

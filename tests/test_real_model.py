@@ -20,13 +20,8 @@ WIKITEXT = DATA_DIR / "wikitext-2-raw-v1-test.jsonl"
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    from jaxprune.loaders.gguf import FetchError, fetch_default_model
-
-    try:
-        return Path(fetch_default_model())
-    except FetchError as err:
-        pytest.skip(f"default model unavailable: {err}")
+def gguf_path(default_model_path) -> Path:
+    return default_model_path
 
 
 @pytest.fixture(scope="module")

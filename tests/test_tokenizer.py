@@ -116,10 +116,8 @@ def test_load_tokenizer_json(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reader() -> gguf.GGUFReader:
-    from jaxprune.loaders.gguf import fetch_default_model
-
-    return gguf.GGUFReader(fetch_default_model())
+def reader(default_model_path) -> gguf.GGUFReader:
+    return gguf.GGUFReader(default_model_path)
 
 
 @pytest.fixture(scope="module")

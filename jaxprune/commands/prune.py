@@ -14,7 +14,7 @@ import json
 import types
 import typing
 
-from jaxprune.config import from_dict, load_yaml, yaml_value
+from jaxprune.config import flatten, from_dict, load_yaml, yaml_value
 
 # Fields whose flag values are taken as text, not parsed as YAML (paths and names).
 TEXT_FIELDS = ("model", "out", "data_dir")
@@ -86,7 +86,9 @@ def config_from_args(args: argparse.Namespace):
     from jaxprune.config import leaf_fields
     from jaxprune.prune_config import PruneConfig
 
-    raw = load_yaml(args.config) if getattr(args, "config", None) else {}
+    # The file's keys are checked on their own first, so that an unknown one names the file.
+    path = getattr(args, "config", None)
+    raw = flatten(PruneConfig, load_yaml(path), source=path) if path else {}
     for key, *_ in leaf_fields(PruneConfig):
         value = getattr(args, key, None)
         if value is not None:

@@ -10,6 +10,7 @@ Hugging Face tool. The family comes from ``config.json``'s ``model_type``
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,4 +170,7 @@ def write_hf_folder(
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(folder / "tokenizer.json"))
+    # safetensors creates its files with mode 0600; give them config.json's (0666 less the umask).
+    for file in folder.glob("*.safetensors"):
+        shutil.copymode(folder / "config.json", file)
     return folder

@@ -43,23 +43,86 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _http_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """``(transport errors, timeouts)`` of the HTTP clients huggingface_hub may use (``httpx2``
+    from version 2, ``httpx`` before), among those installed."""
+    import importlib
+
+    transport, timeouts = [], []
+    for module in ("httpx2", "httpx"):
+        try:
+            http = importlib.import_module(module)
+        except ImportError:
+            continue
+        transport.append(http.TransportError)
+        timeouts.append(http.TimeoutException)
+    return tuple(transport), tuple(timeouts)
+
+
+def _hub_timeout_hook(request) -> None:
+    """Gives a hub request that has no timeout the ETag timeout (``HF_HUB_ETAG_TIMEOUT``).
+
+    huggingface_hub sends its metadata requests (the repository's info, its file list) with no
+    timeout at all, so a hub or proxy that accepts the connection and never answers hangs the
+    command forever. Requests that set their own (ETag checks, file downloads) keep it.
+    """
+    from huggingface_hub import constants
+
+    timeout = request.extensions.get("timeout") or {}
+    if all(value is None for value in timeout.values()):
+        seconds = float(constants.HF_HUB_ETAG_TIMEOUT)
+        keys = timeout.keys() or ("connect", "read", "write", "pool")
+        request.extensions = {**request.extensions, "timeout": dict.fromkeys(keys, seconds)}
+
+
+def _bound_hub_requests() -> None:
+    """Adds :func:`_hub_timeout_hook` to huggingface_hub's shared HTTP client, once (so it
+    bounds the process's later hub requests too, with the same setting)."""
+    from huggingface_hub.utils import get_session
+
+    hooks = getattr(get_session(), "event_hooks", None)  # None: an older, requests-based hub
+    if hooks is not None and _hub_timeout_hook not in hooks["request"]:
+        hooks["request"].append(_hub_timeout_hook)
+
+
+def _timeout_message(repo_id: str, timeout: BaseException) -> str:
+    """What timed out, after how long, and the variable that allows more time."""
+    from huggingface_hub import constants
+
+    request = getattr(timeout, "_request", None)  # httpx's `.request` raises when unset
+    seconds, variable = constants.HF_HUB_ETAG_TIMEOUT, "HF_HUB_ETAG_TIMEOUT"
+    try:
+        if request.method == "GET" and "/resolve/" in str(request.url):
+            seconds, variable = constants.HF_HUB_DOWNLOAD_TIMEOUT, "HF_HUB_DOWNLOAD_TIMEOUT"
+        seconds = request.extensions["timeout"]["read"] or seconds
+    except (AttributeError, KeyError, TypeError):
+        pass
+    return (
+        f"the Hugging Face hub at {constants.ENDPOINT} did not answer within {seconds:g} s "
+        f"({type(timeout).__name__}) while fetching {repo_id}; check the network or proxy, allow "
+        f"more time with {variable}=60 (seconds; now {seconds:g}), or pass a local folder or "
+        ".gguf path."
+    )
+
+
 def _fetch_from_hub(repo_id: str) -> Path:
-    """Downloads (or finds in the local cache) the files of ``repo_id`` and returns the folder."""
+    """Downloads (or finds in the local cache) the files of ``repo_id`` and returns the folder.
+
+    Every request has a timeout (:func:`_hub_timeout_hook`); a hub that does not answer in time
+    is reported in one line naming the variable that allows more.
+    """
     import huggingface_hub
     from huggingface_hub import errors
 
+    transport, timeouts = _http_errors()
     unreachable: tuple[type[BaseException], ...] = (
         errors.LocalEntryNotFoundError,
         errors.OfflineModeIsEnabled,
         ConnectionError,
         TimeoutError,
+        *transport,
     )
-    try:
-        import httpx
-
-        unreachable += (httpx.TransportError,)
-    except ImportError:
-        pass
+    _bound_hub_requests()
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id, allow_patterns=HUB_PATTERNS, local_files_only=_hub_offline()
@@ -75,6 +138,11 @@ def _fetch_from_hub(repo_id: str) -> Path:
             "local folder or .gguf path."
         ) from err
     except unreachable as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, timeouts):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ModelNotFoundError(_timeout_message(repo_id, cause)) from err
         raise ModelNotFoundError(
             f"cannot reach the Hugging Face hub to fetch {repo_id}; pass a local folder or .gguf "
             "path, or set HF_HUB_OFFLINE=0 with network."
