@@ -320,7 +320,12 @@ def ablation_table(rows: list[dict], ablations, datasets: list[str]) -> str:
 
 
 def summary(metrics: dict) -> str:
-    """The Markdown table, for the terminal."""
+    """The Markdown table, for the terminal (or why there is none yet)."""
+    if not metrics["rows"]:
+        return (
+            f"No row of this table is measured yet, so {metrics['out']}/table.md was not "
+            "written; run it without --set run_missing=false to measure the rows listed above."
+        )
     return (
         (Path(metrics["out"]) / "table.md").read_text()
         + f"\nWrote {metrics['out']}/"

@@ -265,3 +265,10 @@ def test_the_ablation_table_pairs_each_change_with_its_row_without_it():
         _table(ablations=[{"change": "x", "row": "softmax qk 50%", "against": "nope"}])
     with pytest.raises(ValueError, match="give exactly change, row and against"):
         _table(ablations=[{"change": "x", "on": "softmax qk 50%"}])
+
+
+def test_a_table_with_no_measured_row_says_so(tmp_path):
+    from jaxprune.table import summary
+
+    text = summary({"rows": [], "out": str(tmp_path), "files": ["table.md"]})
+    assert "No row of this table is measured yet" in text and "run_missing=false" in text
