@@ -390,9 +390,9 @@ def attention_kl(
 class D2PruneConfig:
     """D2Prune (method d2prune): dual-Taylor scores, and which of q/k/v is not updated."""
 
-    # Scaling s of the activation norms in the dual-Taylor term (the authors' --s).
+    # Scaling s of the activation norms in the dual-Taylor term (the authors' option s).
     s: float = field(default=1500.0, metadata={"range": (1e-12, None)})
-    # lambda_1, the weight of the first-order term y |w| x (the authors' --r1).
+    # lambda_1, the weight of the first-order term y |w| x (the authors' option r1).
     r1: float = 1.0
     # lambda_2, the weight of the second-order term, subtracted as lambda_2 w^2 x^2 (--r2).
     r2: float = 0.0
@@ -404,7 +404,7 @@ class D2PruneConfig:
     # KL among candidates, the paper's Eq. 12).
     select: str = field(default="fixed", metadata={"choices": ("fixed", "kl")})
     # select=fixed: the projection pruned by D2-Wanda without update (the authors'
-    # --target_layer_names: v in their Llama scripts but LLaMA-2-13B's, k), or none.
+    # target_layer_names: v in their Llama scripts but LLaMA-2-13B's, k), or none.
     no_update: str = field(default="v", metadata={"choices": CONFIGURATIONS})
     # select=kl: the configurations compared, each the projection left without update (none:
     # all updated); the paper's search space is q, k, v.
