@@ -15,6 +15,7 @@ from pathlib import Path
 from jaxprune import plots, results
 from jaxprune.compare import format_difference, paired_bootstrap
 from jaxprune.config import ConfigError, flatten, from_dict, to_dict
+from jaxprune.methods import registry
 from jaxprune.methods.softmax import resolve_mask
 from jaxprune.prune_config import PruneConfig, flat_settings
 
@@ -98,10 +99,9 @@ def _same_settings(stored: dict, current: dict) -> bool:
     row ran; the row measured its default, so it matches only that."""
     stored, current = _resolved(flat_settings(stored)), _resolved(flat_settings(current))
     defaults = _resolved(flat_settings(json.loads(json.dumps(to_dict(PruneConfig())))))
-    if current.get("method") != "softmax":
-        # Only the softmax-aware method reads its section, so a change of its defaults leaves
-        # the other methods' rows valid.
-        stored, current = _without_softmax(stored), _without_softmax(current)
+    # Only the sections of the methods a row runs matter (a change of another method's defaults
+    # leaves the row valid), and settings that change no result (progress bars) never do.
+    stored, current = _used_settings(stored), _used_settings(current)
     for key, value in current.items():
         if key in stored:
             if stored[key] != value:
@@ -120,8 +120,22 @@ def _resolved(settings: dict) -> dict:
     return settings | {"softmax.mask": mask}
 
 
-def _without_softmax(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if not k.startswith("softmax.")}
+# Settings that change how a run looks, never what it measures.
+_NOT_RESULTS = ("progress",)
+
+
+def _used_settings(settings: dict) -> dict:
+    """Flat settings without those no result depends on: the sections of methods the row's
+    method does not run (its own section, and that of the method it hands other matrices to,
+    ``NAME.other_method``, stay) and :data:`_NOT_RESULTS`."""
+    method = settings.get("method")
+    used = {method, settings.get(f"{method}.other_method")}
+    sections = {m.name for m in registry.methods() if m.section is not None}
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in _NOT_RESULTS and (k.split(".")[0] not in sections - used or "." not in k)
+    }
 
 
 # The comparison group that an unset `group` meant when a row ran, for rows whose metrics.json

@@ -281,3 +281,26 @@ def test_a_table_with_no_measured_row_says_so(tmp_path):
 
     text = summary({"rows": [], "out": str(tmp_path), "files": ["table.md"]})
     assert "No row of this table is measured yet" in text and "run_missing=false" in text
+
+
+def test_a_row_depends_only_on_the_sections_of_the_methods_it_runs():
+    """A change to another method's defaults, or a progress bar, leaves a stored row reusable;
+    a change to the row's own method's section, or to the section of the method it hands the
+    other matrices to, does not."""
+    from jaxprune.table import _same_settings
+
+    def stored(**changes):
+        return to_dict(replace(PruneConfig(), **changes))
+
+    wanda = stored(method="wanda", progress=False, admm={"rho": 2.0}, softmax={"lam": 0.5})
+    assert _same_settings(wanda, to_dict(replace(PruneConfig(), method="wanda")))
+    admm = stored(method="admm", admm={"rho": 2.0})
+    assert not _same_settings(admm, to_dict(replace(PruneConfig(), method="admm")))
+    softmax = stored(method="softmax", sparsegpt={"blocksize": 64})
+    assert not _same_settings(softmax, to_dict(replace(PruneConfig(), method="softmax")))
+    handed = stored(
+        method="softmax", softmax={"other_method": "wanda"}, sparsegpt={"blocksize": 64}
+    )
+    assert _same_settings(
+        handed, to_dict(replace(PruneConfig(), method="softmax", softmax={"other_method": "wanda"}))
+    )
