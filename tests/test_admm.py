@@ -16,13 +16,10 @@ in ``_pruned_counts`` (the final sparsity from the first gradual iteration) both
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from tiny_run import TINY_FLAGS, jaxprune, write_tiny_data, write_tiny_model
+from tiny_run import jaxprune, prune_tiny, tiny_folders
 
 from jaxprune.methods import admm
 from jaxprune.methods.registry import prune_matrix
@@ -282,19 +279,11 @@ def test_lower_reconstruction_error_than_wanda_and_sparsegpt(seed, pattern, spar
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("admm")
-    return write_tiny_model(tmp / "model"), write_tiny_data(tmp / "data"), tmp
+    return tiny_folders(tmp_path_factory.mktemp("admm"))
 
 
 def _run(tiny, *flags):
-    model, data, tmp = tiny
-    out = tmp / "runs" / "_".join(f.strip("-").replace(".", "").replace(":", "-") for f in flags)
-    argv = ["prune", "--model", str(model), "--data-dir", str(data), "--out", str(out)]
-    done = jaxprune(*argv, *TINY_FLAGS, "--save-params", "false", *flags, cwd=tmp)
-    assert done.returncode == 0, done.stderr
-    (run,) = sorted(p for p in out.iterdir() if p.is_dir())
-    masks = ocp.PyTreeCheckpointer().restore((run / "masks").absolute())
-    return json.loads((run / "metrics.json").read_text()), masks
+    return prune_tiny(tiny, *flags)
 
 
 ATTN = {f"{li}.{k}" for li in range(4) for k in ("q", "k", "v", "o")}

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from tiny_run import TINY_FLAGS, jaxprune, write_tiny_data, write_tiny_model
+from tiny_run import jaxprune, prune_tiny, tiny_folders
 
 from jaxprune.methods import alps
 from jaxprune.methods.registry import prune_matrix
@@ -319,19 +317,11 @@ def test_reconstruction_error_below_sparsegpt(pattern, sparsity):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("alps")
-    return write_tiny_model(tmp / "model"), write_tiny_data(tmp / "data"), tmp
+    return tiny_folders(tmp_path_factory.mktemp("alps"))
 
 
 def _run(tiny, *flags):
-    model, data, tmp = tiny
-    out = tmp / "runs" / "_".join(f.strip("-").replace(".", "").replace(":", "") for f in flags)
-    argv = ["prune", "--model", str(model), "--data-dir", str(data), "--out", str(out)]
-    done = jaxprune(*argv, *TINY_FLAGS, "--save-params", "false", *flags, cwd=tmp)
-    assert done.returncode == 0, done.stderr
-    (run,) = sorted(p for p in out.iterdir() if p.is_dir())
-    masks = ocp.PyTreeCheckpointer().restore((run / "masks").absolute())
-    return json.loads((run / "metrics.json").read_text()), masks
+    return prune_tiny(tiny, *flags)
 
 
 def test_alps_runs_end_to_end(tiny):

@@ -15,9 +15,8 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from tiny_run import TINY_FLAGS, jaxprune, write_tiny_data, write_tiny_model
+from tiny_run import jaxprune, prune_tiny, tiny_folders
 
 from jaxprune.methods import d2prune
 from jaxprune.methods.base import Layer, Request
@@ -427,19 +426,11 @@ def test_kl_choice_needs_attention_inputs():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("d2prune")
-    return write_tiny_model(tmp / "model"), write_tiny_data(tmp / "data"), tmp
+    return tiny_folders(tmp_path_factory.mktemp("d2prune"))
 
 
 def _run(tiny, *flags):
-    model, data, tmp = tiny
-    out = tmp / "runs" / "_".join(f.strip("-").replace(".", "").replace(":", "") for f in flags)
-    argv = ["prune", "--model", str(model), "--data-dir", str(data), "--out", str(out)]
-    done = jaxprune(*argv, *TINY_FLAGS, "--save-params", "false", *flags, cwd=tmp)
-    assert done.returncode == 0, done.stderr
-    (run,) = sorted(p for p in out.iterdir() if p.is_dir())
-    masks = ocp.PyTreeCheckpointer().restore((run / "masks").absolute())
-    return json.loads((run / "metrics.json").read_text()), masks
+    return prune_tiny(tiny, *flags)
 
 
 def test_d2prune_runs_end_to_end(tiny):

@@ -4,14 +4,12 @@ softmax-aware one, with no edit to the pipeline."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from tiny_run import TINY_FLAGS, jaxprune, write_tiny_data, write_tiny_model
+from tiny_run import jaxprune, prune_tiny, tiny_folders
 
 from jaxprune.methods import registry
 from jaxprune.methods.base import Layer, Method, Request
@@ -55,19 +53,11 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("plugin")
-    return write_tiny_model(tmp / "model"), write_tiny_data(tmp / "data"), tmp
+    return tiny_folders(tmp_path_factory.mktemp("plugin"))
 
 
 def _run(tiny, *flags):
-    model, data, tmp = tiny
-    out = tmp / "runs" / "_".join(f.strip("-").replace(".", "") for f in flags)
-    argv = ["prune", "--model", str(model), "--data-dir", str(data), "--out", str(out)]
-    done = jaxprune(*argv, *TINY_FLAGS, "--save-params", "false", *flags, cwd=tmp, script=PLUGIN)
-    assert done.returncode == 0, done.stderr
-    (run,) = sorted(p for p in out.iterdir() if p.is_dir())
-    masks = ocp.PyTreeCheckpointer().restore((run / "masks").absolute())
-    return json.loads((run / "metrics.json").read_text()), masks
+    return prune_tiny(tiny, *flags, script=PLUGIN)
 
 
 def _dense_kernel(model_dir: Path, layer: int, name: str) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,24 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def prune_tiny(folders: tuple[Path, Path, Path], *flags: str, script: str | None = None):
+    """``jaxprune prune FLAGS`` on the tiny model and data ``folders = (model, data, tmp)`` (as
+    :func:`tiny_folders` makes them), in a subprocess, into a fresh ``--out`` folder; asserts it
+    exits 0 and returns ``(metrics.json, {layer: {name: keep mask}})``."""
+    import orbax.checkpoint as ocp
+
+    model, data, tmp = folders
+    out = tmp / "runs" / "_".join(re.sub(r"[^\w]", "", f) for f in flags)
+    argv = ["prune", "--model", str(model), "--data-dir", str(data), "--out", str(out)]
+    done = jaxprune(*argv, *TINY_FLAGS, "--save-params", "false", *flags, cwd=tmp, script=script)
+    assert done.returncode == 0, done.stderr
+    (run,) = sorted(p for p in out.iterdir() if p.is_dir())
+    masks = ocp.PyTreeCheckpointer().restore((run / "masks").absolute())
+    return json.loads((run / "metrics.json").read_text()), masks
+
+
+def tiny_folders(tmp: Path) -> tuple[Path, Path, Path]:
+    """The tiny model and data written under ``tmp``: ``(model, data, tmp)``."""
+    return write_tiny_model(tmp / "model"), write_tiny_data(tmp / "data"), tmp
