@@ -69,18 +69,23 @@ def test_row_blocked_solve_and_update_give_the_direct_masks_and_weights():
         np.testing.assert_allclose(blocked["layers"][0][key], direct["layers"][0][key], rtol=1e-3)
 
 
-def test_sparsegpt_mask_then_softmax_update_keeps_sparsegpts_mask_and_lowers_its_error():
+@pytest.mark.parametrize(("method", "pattern"), [("sparsegpt", "unstructured"), ("alps", "2:4")])
+def test_another_methods_mask_then_softmax_update_keeps_its_mask_and_lowers_its_error(
+    method, pattern
+):
+    """``softmax.mask=NAME``: NAME's masks and weights (as ``--method NAME`` gives them), then the
+    softmax-aware update of the kept weights."""
     tokens = np.random.default_rng(6).integers(0, 64, size=(2, 16)).astype(np.int32)
     results = {}
     for name, cfg in {
-        "sparsegpt": replace(CFG, method="sparsegpt", layers=[0]),
-        "sparsegpt + update": replace(CFG, softmax={"mask": "sparsegpt"}, layers=[0]),
+        "alone": replace(CFG, method=method, pattern=pattern, layers=[0]),
+        "+ update": replace(CFG, pattern=pattern, softmax={"mask": method}, layers=[0]),
     }.items():
         model = Llama(TINY, rngs=nnx.Rngs(5))
         report = prune_model(model, calibration_chunks(tokens, 2), [], cfg)
         kernels = {k: np.asarray(v[...]) for k, v in projection_kernels(model.layers[0]).items()}
         results[name] = report, kernels
-    (base, w_base), (ours, w_ours) = results["sparsegpt"], results["sparsegpt + update"]
+    (base, w_base), (ours, w_ours) = results["alone"], results["+ update"]
     for name in ("q", "k"):
         keep = np.asarray(ours["masks"][0][name])
         np.testing.assert_array_equal(keep, np.asarray(base["masks"][0][name]))
@@ -90,9 +95,11 @@ def test_sparsegpt_mask_then_softmax_update_keeps_sparsegpts_mask_and_lowers_its
     assert info["update_attention_after"] < 0.9 * info["update_attention_before"]
 
 
-def test_sparsegpt_mask_without_the_softmax_update_is_refused():
-    with pytest.raises(ValueError, match="is SparseGPT itself: use --method sparsegpt"):
+def test_another_methods_mask_without_the_softmax_update_is_refused():
+    with pytest.raises(ValueError, match="is sparsegpt itself: use --method sparsegpt"):
         replace(CFG, softmax={"mask": "sparsegpt", "update": "none"})
+    with pytest.raises(ValueError, match=r"softmax\.mask='sgpt' is not allowed; choose auto"):
+        replace(CFG, softmax={"mask": "sgpt"})
 
 
 def test_an_update_that_raises_the_attention_term_is_rolled_back():

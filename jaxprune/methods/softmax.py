@@ -57,11 +57,11 @@ class SoftmaxConfig:
     )
     # Steps of each short solve in the search.
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
-    # Where the mask comes from: solve (the relaxed mask solve, then rounding), sparsegpt
-    # (SparseGPT's mask and weights, authors' rules; no mask solve, then the update from there)
-    # or auto (the best measured: sparsegpt for N:M patterns with update=softmax, else solve;
-    # metrics.json records the choice as softmax_mask).
-    mask: str = field(default="auto", metadata={"choices": ("auto", "solve", "sparsegpt")})
+    # Where the mask comes from: solve (the relaxed mask solve, then rounding), the name of a
+    # registered per-matrix method such as sparsegpt or alps (its mask and weights, its authors'
+    # rules; no mask solve, then the update from there) or auto (the best measured: sparsegpt
+    # for N:M patterns with update=softmax, else solve; metrics.json records it as softmax_mask).
+    mask: str = "auto"
     # Start point: wanda (Wanda's ordering as ranks in [0, 1], the best measured) or ones (the
     # paper's M = 1).
     init: str = field(default="wanda", metadata={"choices": ("ones", "wanda")})
@@ -107,10 +107,15 @@ class SoftmaxConfig:
                 "give a positive finite learning rate such as 0.01 (only optimizer gd takes "
                 "lr <= 0, for the derived step size 1/L)."
             )
-        if self.mask == "sparsegpt" and self.update != "softmax":
+        if self.mask not in ("auto", "solve", *matrix_methods()):
             raise ValueError(
-                f"softmax.mask=sparsegpt with softmax.update={self.update} is SparseGPT itself: "
-                "use --method sparsegpt, or set --softmax.update softmax to fit SparseGPT's "
+                f"softmax.mask={self.mask!r} is not allowed; choose auto, solve or a method that "
+                f"prunes one matrix at a time: {', '.join(matrix_methods())}."
+            )
+        if self.mask not in ("auto", "solve") and self.update != "softmax":
+            raise ValueError(
+                f"softmax.mask={self.mask} with softmax.update={self.update} is {self.mask} "
+                f"itself: use --method {self.mask}, or set --softmax.update softmax to fit its "
                 "weights to the softmax."
             )
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxprune import sharding
 from jaxprune.masks import binarize, mask_scores, parse_nm
-from jaxprune.methods import sparsegpt
+from jaxprune.methods import registry
 from jaxprune.methods.base import Request
 from jaxprune.methods.sparsegpt import sparsegpt_reconstruct
 from jaxprune.methods.stats import InputStats
@@ -209,10 +209,8 @@ def prune_qk_softmax(
     start = time.perf_counter()
     spec_kw = dict(spec=spec)
     setup = solve_setup(weights, x, stats, request, opts, spec_kw, value_weights, extras)
-    if mask_source(request, opts) == "sparsegpt":
-        return _from_sparsegpt(
-            weights, x, stats, request, opts, setup, spec_kw, progress, desc, start
-        )
+    if mask_source(request, opts) != "solve":
+        return _from_method(weights, x, stats, request, opts, setup, spec_kw, progress, desc, start)
     # One loss function object per setting (cached), so every layer reuses the compiled solver.
     loss_of = partial(
         _mask_loss,
@@ -256,15 +254,17 @@ def prune_qk_softmax(
     return new, keep, info
 
 
-def _from_sparsegpt(weights, x, stats, request, opts, setup, spec_kw, progress, desc, start):
-    """``softmax.mask=sparsegpt``: SparseGPT's masks and weights (its authors' rules for the
-    pattern), then the softmax-aware update from those weights; no mask solve."""
+def _from_method(weights, x, stats, request, opts, setup, spec_kw, progress, desc, start):
+    """``softmax.mask=NAME`` (``sparsegpt``, ``alps``, ...): that method's masks and weights (its
+    authors' rules for the pattern), then the softmax-aware update from those weights; no mask
+    solve."""
+    method = registry.get(mask_source(request, opts))
     pruned, keep = {}, {}
-    # SparseGPT's own comparison group and options (its section of the run).
+    # The method's own comparison group and options (its section of the run).
     baseline = request.replace(group=None)
-    options = request.options_of(sparsegpt.METHOD)
+    options = request.options_of(method)
     for k, w in weights.items():
-        pruned[k], keep[k] = sparsegpt.prune_matrix(w, stats, baseline, options)
+        pruned[k], keep[k] = method.prune_matrix(w, stats, baseline, options)
     new, update_info = _softmax_update(
         weights, keep, x, request, opts, setup, spec_kw, progress, desc, start=pruned
     )
