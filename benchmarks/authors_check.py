@@ -1,4 +1,4 @@
-"""Issue 7's check: the authors' own Wanda or SparseGPT code against one of our runs.
+"""The authors' check: their own Wanda or SparseGPT code against one of our runs.
 
 Runs the pruning function of the authors' repository, unchanged, on the same model (our loaded
 weights written as a transformers folder), the same calibration windows and the same targets as
