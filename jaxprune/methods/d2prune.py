@@ -86,6 +86,7 @@ from jaxtyping import Array, Bool, Float
 
 from jaxprune.masks import binarize, parse_nm
 from jaxprune.methods.base import Layer, Method, Pruned, Request
+from jaxprune.methods.sparsegpt import sparsegpt_blocks
 from jaxprune.methods.stats import HIGHEST, InputStats, check_matrix
 from jaxprune.models.spec import AttentionSpec
 from jaxprune.objective import qk_layer_probs
@@ -167,60 +168,6 @@ def activation_term(
     return r1 * (y.reshape(1, -1) * a * x) - r2 * (a * a) * (x * x)
 
 
-def _hinv_upper(w, hessian, percdamp):
-    """Float32 ``w`` with dead inputs zeroed, and the upper Cholesky factor ``U`` of the damped
-    ``H^-1`` (SparseGPT's; ``U^T U = (H + damp I)^-1``)."""
-    h = hessian.astype(jnp.float32)
-    dead = jnp.diag(h) == 0
-    h = jnp.where(jnp.diag(dead), 1.0, h)
-    w = jnp.where(dead.reshape(-1, 1), 0.0, w.astype(jnp.float32))
-    eye = jnp.eye(h.shape[0], dtype=jnp.float32)
-    h = h + percdamp * jnp.mean(jnp.diag(h)) * eye
-    hinv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), eye)
-    return w, jnp.triu(jnp.linalg.cholesky(hinv).T)
-
-
-def _block_mask(scores, sparsity: float, group: str):
-    """A block's keep-mask from its scores ``(b, d_out)`` (see :func:`d2_sparsegpt_prune`)."""
-    if group == "block":
-        k = int(scores.size * sparsity)
-        if k == 0:
-            return jnp.ones(scores.shape, bool)
-        return scores > jnp.sort(scores.reshape(-1))[k]
-    k = round(sparsity * scores.shape[0])
-    if k == scores.shape[0]:
-        return jnp.zeros(scores.shape, bool)
-    return binarize(scores, k / scores.shape[0], "unstructured", group="output")
-
-
-def _d2_block(w, u, keep, nm, x, y, r1, r2):
-    """SparseGPT's input-by-input OBS updates in one block; for N:M each group of ``M`` inputs
-    is chosen, when reached, by the dual-Taylor score of the weights as updated so far."""
-    diag = jnp.diag(u)
-
-    def choose_group(i, keep, w):
-        n, m = nm
-        group = lax.dynamic_slice_in_dim(w, i, m, axis=0)
-        scale = lax.dynamic_slice_in_dim(diag, i, m).reshape(m, 1)
-        xs = lax.dynamic_slice_in_dim(x, i, m)
-        scores = group**2 / scale**2 + activation_term(group, xs, y, r1, r2)
-        chosen = binarize(scores, None, f"{n}:{m}")
-        return lax.dynamic_update_slice_in_dim(keep, chosen, i, axis=0)
-
-    def step(i, carry):
-        w, err, keep = carry
-        if nm is not None:
-            keep = lax.cond(i % nm[1] == 0, choose_group, lambda i, k, w: k, i, keep, w)
-        row = w[i]
-        q = jnp.where(keep[i], row, 0.0)
-        e = (row - q) / diag[i]
-        w = w - u[i].reshape(-1, 1) * e.reshape(1, -1)
-        w = w.at[i].set(q)  # exact zeros where pruned
-        return w, err.at[i].set(e), keep
-
-    return lax.fori_loop(0, w.shape[0], step, (w, jnp.zeros_like(w), keep))
-
-
 def d2_sparsegpt_prune(
     w: Float[Array, "d_in d_out"],
     hessian: Float[Array, "d_in d_in"],
@@ -271,26 +218,14 @@ def d2_sparsegpt_prune(
     if nm is not None and blocksize < w.shape[0] and blocksize % nm[1]:
         raise ValueError(f"blocksize={blocksize} is not a multiple of M={nm[1]} ({pattern}).")
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    wf, u = _hinv_upper(w, hessian, percdamp)
-    rows, keeps = [], []
-    for start in range(0, w.shape[0], blocksize):
-        end = min(start + blocksize, w.shape[0])
-        wb, ub, xb = wf[start:end], u[start:end, start:end], x[start:end]
-        if nm is not None:
-            kb = jnp.ones(wb.shape, bool)
-        else:
-            scores = wb**2 / jnp.diag(ub).reshape(-1, 1) ** 2 + activation_term(wb, xb, y, r1, r2)
-            if group == "output":
-                count = round(sparsity * end) - round(sparsity * start)
-                kb = _block_mask(scores, count / (end - start), "output")
-            else:
-                kb = _block_mask(scores, sparsity, "block")
-        qb, err, kb = _d2_block(wb, ub, kb, nm, xb, y, r1, r2)
-        rows.append(qb)
-        keeps.append(kb)
-        # The later inputs absorb this block's errors in one matmul (SparseGPT's lazy update).
-        wf = wf.at[end:].add(-jnp.einsum("bi,bo->io", u[start:end, end:], err, precision=HIGHEST))
-    return jnp.concatenate(rows).astype(w.dtype), jnp.concatenate(keeps)
+
+    def extra(rows, first):
+        # The dual-Taylor term of these rows, whose first input is `first` (static or traced).
+        return activation_term(rows, lax.dynamic_slice_in_dim(x, first, rows.shape[0]), y, r1, r2)
+
+    # SparseGPT's blocks, OBS updates and lazy updates, with the term added to its scores.
+    q, keep = sparsegpt_blocks(w, hessian, None, nm, sparsity, blocksize, percdamp, group, extra)
+    return q.astype(w.dtype), keep
 
 
 def d2_wanda_prune(

@@ -20,14 +20,14 @@ from jaxprune.methods.stats import HIGHEST, InputStats, check_matrix
 
 
 def _hinv_upper(
-    w: Float[Array, "d_in d_out"], stats: InputStats, percdamp: float
+    w: Float[Array, "d_in d_out"], hessian: Float[Array, "d_in d_in"], percdamp: float
 ) -> tuple[Float[Array, "d_in d_out"], Float[Array, "d_in d_in"]]:
     """Float32 weight with dead inputs zeroed, and the upper Cholesky factor ``U`` of ``H^-1``.
 
     ``U^T U = (H + damp I)^-1``. Row ``i`` of ``U`` divided by ``U_ii`` is the OBS update direction
     once inputs ``0..i-1`` are fixed, so the sequential updates need no further inversions.
     """
-    h = stats.hessian.astype(jnp.float32)
+    h = hessian.astype(jnp.float32)
     dead = jnp.diag(h) == 0
     # An input never seen has no effect on the calibration outputs: its weight can go, and a unit
     # diagonal keeps H invertible without coupling it to the others.
@@ -47,6 +47,7 @@ def _sparsegpt_block(
     u: Float[Array, "b b"],
     keep: Bool[Array, "b d_out"],
     nm: tuple[int, int] | None,
+    extra=None,
 ) -> tuple[Float[Array, "b d_out"], Float[Array, "b d_out"], Bool[Array, "b d_out"]]:
     """OBS updates inside one block of inputs, input by input.
 
@@ -67,7 +68,10 @@ def _sparsegpt_block(
         n, m = nm
         group = lax.dynamic_slice_in_dim(w, i, m, axis=0)
         scale = lax.dynamic_slice_in_dim(diag, i, m).reshape(m, 1)
-        chosen = binarize(group**2 / scale**2, None, f"{n}:{m}")
+        scores = group**2 / scale**2
+        if extra is not None:
+            scores = scores + extra(group, i)
+        chosen = binarize(scores, None, f"{n}:{m}")
         return lax.dynamic_update_slice_in_dim(keep, chosen, i, axis=0)
 
     def step(i, carry):
@@ -103,9 +107,16 @@ def _block_mask(scores, sparsity: float, group: str):
     return binarize(scores, k / scores.shape[0], "unstructured", group="output")
 
 
-def _sparsegpt(w, stats, keep, nm, sparsity, blocksize, percdamp, group="block"):
-    # keep is None when the mask is chosen here (sparsity or nm), else the fixed mask.
-    w, u = _hinv_upper(w, stats, percdamp)
+def sparsegpt_blocks(
+    w, hessian, keep, nm, sparsity, blocksize, percdamp, group="block", extra=None
+):
+    """SparseGPT's blocks of OBS updates with their lazy updates: ``(rows, keep)`` in float32.
+
+    ``keep`` is ``None`` when the mask is chosen here (from ``sparsity`` or ``nm``), else the
+    fixed mask; ``extra(rows, first input) -> (rows, d_out)`` is an optional term added to the
+    saliencies, for methods that extend SparseGPT's score (D2Prune's dual-Taylor term).
+    """
+    w, u = _hinv_upper(w, hessian, percdamp)
     d_in = w.shape[0]
     out_rows, out_keep = [], []
     # Blocks are a Python loop (few, static shapes); inputs within a block are a fori_loop.
@@ -118,6 +129,8 @@ def _sparsegpt(w, stats, keep, nm, sparsity, blocksize, percdamp, group="block")
             kb = jnp.ones(wb.shape, bool)
         else:
             scores = wb**2 / jnp.diag(ub).reshape(-1, 1) ** 2
+            if extra is not None:
+                scores = scores + extra(wb, start)
             if group == "output":
                 # Each block gets about the fraction s per output, and the counts telescope to
                 # exactly round(s*d_in) per output.
@@ -125,7 +138,8 @@ def _sparsegpt(w, stats, keep, nm, sparsity, blocksize, percdamp, group="block")
                 kb = _block_mask(scores, count / (end - start), "output")
             else:
                 kb = _block_mask(scores, sparsity, "block")
-        qb, err, kb = _sparsegpt_block(wb, ub, kb, nm)
+        block_extra = None if extra is None else (lambda rows, i, lo=start: extra(rows, lo + i))
+        qb, err, kb = _sparsegpt_block(wb, ub, kb, nm, block_extra)
         out_rows.append(qb)
         out_keep.append(kb)
         # Lazy batch update: later inputs absorb this block's errors in one matmul.
@@ -201,7 +215,7 @@ def sparsegpt_prune(
     if pattern == "row":
         pattern, group = "unstructured", "output"
     nm = _check_sparsegpt(w, stats, sparsity, pattern, blocksize, percdamp, group)
-    q, keep = _sparsegpt(w, stats, None, nm, sparsity, blocksize, percdamp, group)
+    q, keep = sparsegpt_blocks(w, stats.hessian, None, nm, sparsity, blocksize, percdamp, group)
     return q.astype(w.dtype), keep
 
 
@@ -228,7 +242,7 @@ def sparsegpt_reconstruct(
     _check_sparsegpt(w, stats, 0.0, "unstructured", blocksize, percdamp)
     if keep.shape != w.shape:
         raise ValueError(f"keep has shape {keep.shape}, w has shape {w.shape}: they must match.")
-    q, _ = _sparsegpt(w, stats, keep.astype(bool), None, None, blocksize, percdamp)
+    q, _ = sparsegpt_blocks(w, stats.hessian, keep.astype(bool), None, None, blocksize, percdamp)
     return q.astype(w.dtype)
 
 
