@@ -145,30 +145,39 @@ def tokenizer_from_gguf(reader_or_fields: gguf.GGUFReader | Mapping[str, Any]) -
     tokenizer.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
     tokenizer.decoder = decoders.ByteLevel()
 
-    types = fields.get("tokenizer.ggml.token_type")
-    if types is not None:
-        types = np.asarray(types)
-        if types.shape != (len(tokens),):
-            raise ValueError(
-                f"tokenizer.ggml.token_type has {types.size} entries for {len(tokens)} tokens; the "
-                "file's vocabulary is corrupt, fetch the model file again."
-            )
-        # Added tokens keep their ids because they are already in the BPE vocabulary.
-        tokenizer.add_special_tokens(
-            [
-                AddedToken(tokens[i], special=True, normalized=False)
-                for i in np.flatnonzero(types == _CONTROL)
-            ]
-        )
-        tokenizer.add_tokens(
-            [
-                AddedToken(tokens[i], special=False, normalized=False)
-                for i in np.flatnonzero(types == _USER_DEFINED)
-            ]
-        )
-
+    _add_typed_tokens(tokenizer, fields, tokens)
     _add_bos_eos(tokenizer, fields, tokens)
     return tokenizer
+
+
+def _add_typed_tokens(
+    tokenizer: Tokenizer, fields: Mapping[str, Any], tokens: list[str], user=None
+):
+    """Control tokens as special tokens and user-defined tokens (those ``user(id)`` accepts, all
+    by default) as added tokens, from ``tokenizer.ggml.token_type``. They keep their ids because
+    they are already in the vocabulary."""
+    types = fields.get("tokenizer.ggml.token_type")
+    if types is None:
+        return
+    types = np.asarray(types)
+    if types.shape != (len(tokens),):
+        raise ValueError(
+            f"tokenizer.ggml.token_type has {types.size} entries for {len(tokens)} tokens; the "
+            "file's vocabulary is corrupt, fetch the model file again."
+        )
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i in np.flatnonzero(types == _CONTROL)
+        ]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i in np.flatnonzero(types == _USER_DEFINED)
+            if user is None or user(i)
+        ]
+    )
 
 
 def _add_bos_eos(tokenizer: Tokenizer, fields: Mapping[str, Any], tokens: list[str]) -> None:
@@ -246,28 +255,8 @@ def sentencepiece_from_gguf(fields: Mapping[str, Any]) -> Tokenizer:
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     )
-    types = fields.get("tokenizer.ggml.token_type")
-    if types is not None:
-        types = np.asarray(types)
-        if types.shape != (len(tokens),):
-            raise ValueError(
-                f"tokenizer.ggml.token_type has {types.size} entries for {len(tokens)} tokens; the "
-                "file's vocabulary is corrupt, fetch the model file again."
-            )
-        tokenizer.add_special_tokens(
-            [
-                AddedToken(tokens[i], special=True, normalized=False)
-                for i in np.flatnonzero(types == _CONTROL)
-            ]
-        )
-        # Respelled whitespace runs are ordinary BPE tokens, not matched whole.
-        tokenizer.add_tokens(
-            [
-                AddedToken(tokens[i], special=False, normalized=False)
-                for i in np.flatnonzero(types == _USER_DEFINED)
-                if tokens[i] == raw[i]
-            ]
-        )
+    # Respelled whitespace runs are ordinary BPE tokens, not matched whole.
+    _add_typed_tokens(tokenizer, fields, tokens, user=lambda i: tokens[i] == raw[i])
     _add_bos_eos(tokenizer, fields, tokens)
     return tokenizer
 
