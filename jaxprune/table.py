@@ -92,12 +92,15 @@ class TableConfig:
         return out
 
 
-def _same_settings(stored: dict, current: dict) -> bool:
+def _same_settings(stored: dict, current: dict, stored_mask: str | None = None) -> bool:
     """Whether a stored row measured these settings. Both are configs as ``metrics.json`` holds
     them, nested or (rows stored before the sections) flat; they are compared as flat dotted keys
     (:func:`flat_settings`). A key the stored config lacks was added to ``PruneConfig`` after the
-    row ran; the row measured its default, so it matches only that."""
-    stored, current = _resolved(flat_settings(stored)), _resolved(flat_settings(current))
+    row ran; the row measured its default, so it matches only that. ``stored_mask`` is the mask
+    source the stored row recorded (``softmax_mask`` in its ``metrics.json``): a stored
+    ``softmax.mask=auto`` is what it resolved to when the row ran, not what it resolves to now."""
+    stored = _resolved(flat_settings(stored), stored_mask)
+    current = _resolved(flat_settings(current))
     defaults = _resolved(flat_settings(json.loads(json.dumps(to_dict(PruneConfig())))))
     # Only the sections of the methods a row runs matter (a change of another method's defaults
     # leaves the row valid), and settings that change no result (progress bars) never do.
@@ -111,11 +114,17 @@ def _same_settings(stored: dict, current: dict) -> bool:
     return set(stored) <= set(current)
 
 
-def _resolved(settings: dict) -> dict:
+def _resolved(settings: dict, recorded: str | None = None) -> dict:
     """Flat settings with ``softmax.mask=auto`` replaced by the mask it gives (so a row on the
-    default matches the run that measured that mask under its own name)."""
-    if "softmax.mask" not in settings:
+    default matches the run that measured that mask under its own name). ``recorded``, the
+    source a stored run wrote down, wins over today's rule; a run from before the setting
+    existed solved its mask."""
+    if settings.get("method") != "softmax":
         return settings
+    if recorded is not None:
+        return settings | {"softmax.mask": recorded}
+    if "softmax.mask" not in settings:
+        return settings | {"softmax.mask": "solve"}
     mask = resolve_mask(settings["softmax.mask"], settings["pattern"], settings["softmax.update"])
     return settings | {"softmax.mask": mask}
 
@@ -160,7 +169,7 @@ def _reusable(out: Path, cfg: PruneConfig) -> dict | None:
     for path in sorted((out / "runs").glob("*/metrics.json"), reverse=True):
         metrics = json.loads(path.read_text())
         stored = {k: v for k, v in metrics.get("config", {}).items() if k != "group"}
-        if _same_settings(stored, current) and _measured_group(metrics) == cfg.group_or_default:
+        if _same_settings(stored, current, metrics.get("softmax_mask")) and _measured_group(metrics) == cfg.group_or_default:
             return metrics
     return None
 

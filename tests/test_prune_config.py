@@ -215,14 +215,14 @@ def test_a_run_started_with_flat_settings_resumes_and_names_dotted_differences(t
     "pattern,update,mask",
     [
         ("unstructured", "softmax", "solve"),
-        ("2:4", "softmax", "sparsegpt"),
+        ("2:4", "softmax", "alps"),
         ("2:4", "none", "solve"),
     ],
 )
 def test_auto_mask_resolves_to_the_best_measured_and_follows_a_changed_pattern(
     pattern, update, mask
 ):
-    """softmax.mask=auto is SparseGPT's mask at N:M with the softmax update (the better 2:4 row),
+    """softmax.mask=auto is ALPS's mask at N:M with the softmax update (the best 2:4 row),
     the solved mask otherwise. It stays auto in the config, so changing the pattern of a config
     changes the mask too, while an explicit mask stays."""
 
@@ -236,15 +236,38 @@ def test_auto_mask_resolves_to_the_best_measured_and_follows_a_changed_pattern(
     assert source(replace(pinned, pattern="2:4")) == "solve"
 
 
-def test_the_default_2_4_row_is_the_sparsegpt_mask_run_and_the_solved_mask_keeps_its_row():
+def test_each_2_4_row_reuses_the_run_of_its_own_mask_source():
+    """The default 2:4 row is the ALPS-mask run; the runs of the earlier defaults (SparseGPT's
+    mask, and the solved mask, which recorded ``auto``) keep their own rows, because a stored
+    ``auto`` counts as the source its run recorded, not as today's rule."""
     from jaxprune.table import _reusable
 
     rows = _table().row_configs()
-    default = _reusable(FULL, rows["softmax qk 2:4"])
-    solved = _reusable(FULL, rows["softmax qk 2:4 (solved mask)"])
-    assert flat_settings(default["config"])["softmax.mask"] == "sparsegpt"
-    assert flat_settings(solved["config"]).get("softmax.mask", "solve") == "solve"
-    assert default["run_dir"] != solved["run_dir"]
+    found = {
+        name: _reusable(FULL, rows[name])
+        for name in (
+            "softmax qk 2:4",
+            "softmax qk 2:4 (SparseGPT mask + softmax update)",
+            "softmax qk 2:4 (solved mask)",
+        )
+    }
+    sources = [
+        m.get("softmax_mask", flat_settings(m["config"]).get("softmax.mask", "solve"))
+        for m in found.values()
+    ]
+    assert sources == ["alps", "sparsegpt", "solve"]
+    assert len({m["run_dir"] for m in found.values()}) == 3
+
+
+def test_a_stored_auto_run_counts_as_the_mask_it_recorded():
+    from jaxprune.table import _same_settings
+
+    cfg = replace(PruneConfig(), method="softmax", pattern="2:4")
+    stored = to_dict(cfg)  # softmax.mask: auto, which resolves to alps today
+    assert _same_settings(stored, to_dict(cfg), "alps")
+    assert not _same_settings(stored, to_dict(cfg), "sparsegpt")
+    pinned = to_dict(replace(cfg, softmax={"mask": "sparsegpt"}))
+    assert _same_settings(stored, pinned, "sparsegpt")
 
 
 def test_the_ablation_table_pairs_each_change_with_its_row_without_it():

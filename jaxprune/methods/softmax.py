@@ -59,7 +59,7 @@ class SoftmaxConfig:
     search_steps: int = field(default=30, metadata={"range": (1, 100000)})
     # Where the mask comes from: solve (the relaxed mask solve, then rounding), the name of a
     # registered per-matrix method such as sparsegpt or alps (its mask and weights, its authors'
-    # rules; no mask solve, then the update from there) or auto (the best measured: sparsegpt
+    # rules; no mask solve, then the update from there) or auto (the best measured: alps
     # for N:M patterns with update=softmax, else solve; metrics.json records it as softmax_mask).
     mask: str = "auto"
     # Start point: wanda (Wanda's ordering as ranks in [0, 1], the best measured) or ones (the

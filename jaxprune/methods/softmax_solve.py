@@ -380,11 +380,12 @@ def mask_source(request: Request, opts) -> str:
 
 def resolve_mask(mask: str, pattern: str, update: str) -> str:
     """``softmax.mask`` with ``auto`` resolved to the best measured choice on the full protocol:
-    SparseGPT's mask at N:M patterns with the softmax update (it beats the solved mask at 2:4),
-    the solved mask otherwise (it wins at 50% unstructured)."""
+    ALPS's mask and weights at N:M patterns with the softmax update (at 2:4 it beats the start
+    from SparseGPT's mask, which beats the solved mask), the solved mask otherwise (it wins at
+    50% unstructured)."""
     if mask != "auto":
         return mask
-    return "sparsegpt" if parse_nm(pattern) is not None and update == "softmax" else "solve"
+    return "alps" if parse_nm(pattern) is not None and update == "softmax" else "solve"
 
 
 def round_and_update(masks, weights, x, stats, request, opts, setup, spec_kw, *, progress, desc):
