@@ -169,7 +169,10 @@ def _reusable(out: Path, cfg: PruneConfig) -> dict | None:
     for path in sorted((out / "runs").glob("*/metrics.json"), reverse=True):
         metrics = json.loads(path.read_text())
         stored = {k: v for k, v in metrics.get("config", {}).items() if k != "group"}
-        if _same_settings(stored, current, metrics.get("softmax_mask")) and _measured_group(metrics) == cfg.group_or_default:
+        if (
+            _same_settings(stored, current, metrics.get("softmax_mask"))
+            and _measured_group(metrics) == cfg.group_or_default
+        ):
             return metrics
     return None
 
