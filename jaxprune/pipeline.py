@@ -254,6 +254,9 @@ def prune_model(
         held = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held]
         facts.append(info)
         layers.close(li)
+        # Drop this layer's arrays before the next one is opened (a streamed layer's weights
+        # would otherwise live beside the next one's).
+        layer = graphdef = state = kernels = dense_attn = result = None
     bar.close()
     jax.block_until_ready(hs)
     return {

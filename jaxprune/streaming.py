@@ -91,9 +91,10 @@ class StreamedLayers:
             n: hf_name(self.model_cls, f"layers.{li}.{p}") for n, p in self._kernel_paths.items()
         }
 
-    def _filled(self, module, prefix: str):
+    def _filled(self, module, prefix: str, rows: np.ndarray | None = None):
         """``module`` (abstract) with every parameter read from disk, as the eager loader
-        fills it (:func:`jaxprune.loaders.params.model_from_tensors`)."""
+        fills it (:func:`jaxprune.loaders.params.model_from_tensors`); with ``rows``, only those
+        rows of each parameter (of the embedding: the tokens' rows)."""
         graphdef, state = nnx.split(module)
         flat = nnx.to_flat_state(state)
         names, problems = {}, []
@@ -107,12 +108,14 @@ class StreamedLayers:
                 names[key] = hit
         if problems:
             raise WeightLoadError(problems, self.model_cls.__name__)
-        tensors = self.weights.read(name for name, _ in names.values())
         filled = []
         for path, var in flat:
             name, fn = names[prefix + ".".join(map(str, path))]
-            value = fn(tensors.pop(name))
-            if value.shape != var.shape:
+            # One tensor at a time: its stored copy is dropped before the next is read.
+            value = fn(self.weights.read([name])[name])
+            if rows is not None:
+                value = value[rows]
+            if value.shape != (var.shape if rows is None else (len(rows), *var.shape[1:])):
                 problems.append(f"wrong shape for {name}: got {value.shape}, expected {var.shape}")
                 continue
             filled.append((path, var.replace(jnp.asarray(value, dtype=self.dtype))))
@@ -121,14 +124,21 @@ class StreamedLayers:
         return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
     def embed(self, chunks: list) -> list[jax.Array]:
-        """Token chunks ``(b, t)`` -> embeddings ``(b, t, d)``; the embedding is read for this
-        and dropped after."""
+        """Token chunks ``(b, t)`` -> embeddings ``(b, t, d)`` by the family's own ``embed``.
+
+        The embedding is read for this and dropped after; only the rows of the tokens that occur
+        are converted to the compute dtype, and the tokens are renumbered into them (a lookup
+        gives the same values from the rows as from the whole table).
+        """
         if not chunks:
             return []
+        ids = np.unique(np.concatenate([np.ravel(c) for c in chunks]))
         abstract = self.model.embed_tokens
-        self.model.embed_tokens = self._filled(abstract, "embed_tokens.")
+        self.model.embed_tokens = self._filled(abstract, "embed_tokens.", rows=ids)
         try:
-            return [self.model.embed(jnp.asarray(c, jnp.int32)) for c in chunks]
+            return [
+                self.model.embed(jnp.asarray(np.searchsorted(ids, c), jnp.int32)) for c in chunks
+            ]
         finally:
             self.model.embed_tokens = abstract
 
