@@ -101,11 +101,12 @@ class RunConfig:
     # Save the pruned parameters with orbax (masks are always saved).
     save_params: bool = True
     # Prune one decoder layer at a time from disk, never holding the whole model (the pruned
-    # layers go to the run's pruned/ folder): true, false, or auto (stream when the model's float32
-    # parameters exceed stream_threshold_gib).
+    # layers go to the run folder's pruned/): true, false, or auto (stream when the model's
+    # float32 parameters exceed stream_threshold_gib).
     stream: bool | str = field(default="auto", metadata={"choices": ("auto", True, False)})
-    # The size in GiB of a model's float32 parameters above which stream auto streams.
-    stream_threshold_gib: float = field(default=8.0, metadata={"range": (0.0, 1e6)})
+    # GiB of float32 parameters above which stream auto streams (8: a 2-billion-parameter model,
+    # whose in-memory load peaks near twice that).
+    stream_threshold_gib: float = field(default=8.0, metadata={"range": (0.0, None)})
     # Show progress bars.
     progress: bool = True
     # Sections (their flags are dotted: --calibration.samples, --softmax.lam).
