@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -179,12 +180,6 @@ def run_job(
     path = locate(cfg.model)
     weights = open_weights(path)
     stream = _streams(cfg, weights, resume_dir)
-    if stream and export_hf:
-        raise OutputError(
-            f"--export-hf {export_hf}: a streaming run never holds the whole model, so it "
-            "cannot export it; the pruned layers are in the run folder's pruned/ (the source "
-            "checkpoint with those tensors replaced), or run with --stream false to export."
-        )
     if stream:
         source = streaming.StreamedLayers(weights)
         model, tokenizer = source.model, weights.tokenizer
@@ -255,7 +250,10 @@ def run_job(
         else:
             ppl = evaluate(model, tokenizer, cfg, sequences)
             files = save_outputs(run_dir, model, report["masks"], cfg)
-        if export_hf:
+        if export_hf and stream:
+            write = partial(streaming.write_hf_folder, source, tokenizer=tokenizer)
+            outputs.export_hf_folder(model, export_hf, tokenizer=tokenizer, write=write)
+        elif export_hf:
             outputs.export_hf_folder(model, export_hf, tokenizer=tokenizer)
     except BaseException as err:  # Ctrl-C too: say how to go on
         if saved:

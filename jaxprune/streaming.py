@@ -5,8 +5,9 @@ reads each decoder layer's tensors from disk (:mod:`jaxprune.loaders.lazy`) when
 :func:`jaxprune.pipeline.prune_model` opens it, dropping them when it is closed. The same loop,
 the same calibration and the same method call run as for a model in memory, so the masks and
 weights are the same bits. Each pruned layer is written to the run folder as it finishes
-(:class:`LayerFiles`, which is also what a stopped run resumes from), and evaluation carries the
-evaluation windows' activations through the layers in turn (:meth:`StreamedLayers.token_nlls`).
+(:class:`LayerFiles`, which is also what a stopped run resumes from); evaluation carries the
+evaluation windows' activations through the layers in turn (:meth:`StreamedLayers.token_nlls`),
+and :func:`write_hf_folder` exports the pruned model a layer at a time.
 
 Memory: one layer's weights (float32) and the calibration activations while pruning; the
 embedding while the calibration inputs are embedded; the embedding, final norm and head plus
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -31,6 +33,7 @@ from flax import nnx
 
 from jaxprune import layerwise, outputs
 from jaxprune.checkpoints import CheckpointError
+from jaxprune.loaders import hf
 from jaxprune.loaders.lazy import LazyWeights
 from jaxprune.loaders.params import WeightLoadError, hf_name
 from jaxprune.models import model_class
@@ -157,6 +160,13 @@ class StreamedLayers:
         """Drops layer ``li``'s weights from :attr:`model`."""
         self.model.layers[li] = self._abstract_layers[li]
 
+    def top(self):
+        """The embedding, final norm and head read from disk: the family's model without
+        decoder layers (its ``embed`` and ``head`` work, its ``hidden`` does not)."""
+        top = self._abstract_model()
+        top.layers = nnx.List([])
+        return self._filled(top, "")
+
     def token_nlls(self, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
         """Next-token NLLs ``(b, t-1)`` of token batches ``(b, t)``, one array per batch in order
         (what :func:`jaxprune.perplexity.perplexity` takes as ``token_nlls``).
@@ -165,9 +175,7 @@ class StreamedLayers:
         :data:`EVAL_ACTIVATION_BYTES` (one batch at least): a group is embedded, carried through
         every layer in turn (each read once per group), then through the final norm and head.
         """
-        top = self._abstract_model()
-        top.layers = nnx.List([])
-        top = self._filled(top, "")
+        top = self.top()
         graphdef, state = nnx.split(top)
         d = self.config.hidden_size
         group: list[np.ndarray] = []
@@ -207,6 +215,45 @@ def _head_nll(graphdef, state, h, tokens):
         picked = jnp.take_along_axis(logits, tgt, axis=-1)[..., 0]
         out.append(jax.nn.logsumexp(logits, axis=-1) - picked)
     return jnp.concatenate(out, axis=1)
+
+
+def write_hf_folder(source: StreamedLayers, folder: Path, tokenizer=None) -> Path:
+    """Writes the pruned model as a Hugging Face folder a layer at a time, as
+    :func:`jaxprune.loaders.hf.write_hf_folder` writes a model in memory (float32, a tied head
+    left out): one shard for the embedding, final norm and head, then one per decoder layer,
+    each read from the source with its pruned matrices from :attr:`StreamedLayers.pruned`.
+
+    Returns:
+      The folder path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = source.config.to_hf_config() | {"torch_dtype": str(np.dtype(source.dtype))}
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    n = source.config.num_layers + 1
+    weight_map, total = {}, 0
+    for k in range(n):
+        li = k - 1
+        module, prefix = (source.top(), "") if k == 0 else (source.open(li), f"layers.{li}.")
+        tensors = {}
+        for path, var in nnx.to_flat_state(nnx.state(module)):
+            name, fn = hf_name(source.model_cls, prefix + ".".join(map(str, path)))
+            tensors[name] = np.ascontiguousarray(fn(np.asarray(var[...])))
+        if k:
+            source.close(li)
+        file = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        # transformers checks this metadata key to know the tensors are PyTorch-layout.
+        safetensors.numpy.save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+        total += sum(t.nbytes for t in tensors.values())
+        module = tensors = None
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / hf.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+    for file in folder.glob("*.safetensors"):
+        shutil.copymode(folder / "config.json", file)
+    return folder
 
 
 class LayerFiles:

@@ -161,6 +161,22 @@ def test_layer_by_layer_evaluation_matches_the_pruned_model_in_memory(folder, tm
     assert again["window_nll"] == got["window_nll"]
 
 
+def test_layer_by_layer_export_is_the_pruned_model_in_memory(folder, tmp_path):
+    from flax import nnx
+
+    cfg = replace(BASE, method="sparsegpt")
+    calib = calibration_chunks(tokens(4), 2)
+    _, _, model = in_memory(folder, cfg, calib, [])
+    _, store, source = streamed(folder, cfg, calib, [], tmp_path / "pruned")
+    source.pruned = store
+    exported, _ = load_model(str(streaming.write_hf_folder(source, tmp_path / "hf")))
+    want = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    got = dict(nnx.to_flat_state(nnx.state(exported, nnx.Param)))
+    assert len(want) == len(got)
+    for path, var in want:
+        np.testing.assert_array_equal(np.asarray(got[path][...]), np.asarray(var[...]), path)
+
+
 @pytest.mark.parametrize(
     "stream,bytes_,expected",
     [("auto", 2**30, False), ("auto", 9 * 2**30, True), (True, 1, True), (False, 2**40, False)],
@@ -213,7 +229,9 @@ def test_command_streams_resumes_and_matches_the_run_in_memory(tmp_path):
     assert killed.returncode == -9, killed.stderr[-3000:]
     (run_dir,) = (tmp_path / "stream").iterdir()
     # Resumed in the mode its folder shows, whatever --stream says now.
-    resumed = run(tmp_path / "stream", "--resume", str(run_dir))
+    resumed = run(
+        tmp_path / "stream", "--resume", str(run_dir), "--export-hf", str(tmp_path / "hf")
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     stream = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert stream["stream"] is True and memory["stream"] is False
@@ -224,6 +242,13 @@ def test_command_streams_resumes_and_matches_the_run_in_memory(tmp_path):
 
     import orbax.checkpoint as ocp
 
+    params = ocp.PyTreeCheckpointer().restore((Path(memory["run_dir"]) / "params").absolute())
+    exported, _ = load_model(str(tmp_path / "hf"))
+    for li, layer in enumerate(exported.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            want = params["layers"][str(li)]["self_attn"][name]["kernel"]["value"]
+            got = getattr(layer.self_attn, name).kernel[...]
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     masks = ocp.PyTreeCheckpointer().restore((Path(memory["run_dir"]) / "masks").absolute())
     files = streaming.LayerFiles(run_dir / streaming.PRUNED_DIR, {}, _names(model))
     for li in range(N_LAYERS):
