@@ -4,6 +4,16 @@ Every matrix here is in the input-major layout of ``x @ w``: shape ``(d_in, d_ou
 row" of the PyTorch layout (Wanda's comparison group) is a column here, and N:M groups run along
 the input axis (axis 0). The lowest scores are pruned; ties go to the earlier flat index (a stable
 sort), so the result is deterministic.
+
+Ties within an N:M group follow one of :data:`TIES`. ``"first"`` (the default) prunes the earlier
+of equal scores first, as ``torch.topk(group, M - N, largest=False)`` does on CUDA: its kernel
+takes every score below the ``(M - N)``-th smallest, then the scores equal to it in index order
+(``gatherTopK`` in PyTorch's ``aten/src/ATen/native/cuda/TensorTopK.cu``). That is the call of
+the authors' N:M code (locuslab/wanda ``prune_magnitude``, ``prune_wanda``; IST-DASLab/sparsegpt
+``fasterprune``), run on GPUs. ``"torch-cpu"`` reproduces the same call on CPU (PyTorch's Linux
+builds), whose tie order is no simple rule: ``topk`` copies the group into a buffer of
+``(score, index)`` pairs and runs libstdc++'s ``std::nth_element`` (introselect) on it with
+``operator<`` on the scores, and the pruned entries are the first ``M - N`` of the result.
 """
 
 from __future__ import annotations
@@ -13,12 +23,19 @@ import re
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 PATTERNS = ("unstructured", "row")
 SCORES = ("mask", "mask_times_weight")
 # Comparison groups of unstructured pruning: one threshold per matrix, or per output (Wanda's).
 GROUPS = ("matrix", "output")
+# Tie rules within an N:M group: the earlier input pruned first (torch.topk on CUDA), or the order
+# torch.topk leaves on CPU (libstdc++'s nth_element).
+TIES = ("first", "torch-cpu")
+# "torch-cpu" is reproduced for groups up to this size: there introselect's depth limit
+# (2 * floor(log2 M) partitions) is never reached, as a partition shrinks the range by at least
+# one and stops at three, so its heap-select fallback (not reproduced) never runs.
+TORCH_CPU_MAX_M = 9
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -67,6 +84,72 @@ def _keep_lowest_pruned(
     return ranks >= n_prune
 
 
+def _nth_element_order(v: Float[Array, " m"], nth: int) -> Int[Array, " m"]:
+    """The positions of ``v`` in the order libstdc++'s ``std::nth_element(first, first + nth,
+    last)`` leaves a buffer of ``(v[i], i)`` pairs compared by ``v`` alone (as torch's CPU
+    ``topk(largest=False)`` calls it; NaN counts as the largest). One group; vmap batches it.
+
+    Introselect, as ``std::__introselect`` runs it while more than three entries remain: the
+    median of the entries at ``first + 1``, the middle and ``last - 1`` is swapped to ``first``,
+    ``std::__unguarded_partition`` splits the rest around it, and the side holding ``nth`` is
+    kept; then an insertion sort (stable) orders the last stretch.
+    """
+    m = v.shape[0]
+    positions = jnp.arange(m)
+
+    def less(q, a, b):
+        x, y = v[q[a]], v[q[b]]
+        return (x < y) | (~jnp.isnan(x) & jnp.isnan(y))
+
+    def swap(q, a, b):
+        return q.at[a].set(q[b]).at[b].set(q[a])
+
+    def partition(state):
+        q, first, last = state
+        a, b, c = first + 1, first + (last - first) // 2, last - 1
+        ab, bc, ac = less(q, a, b), less(q, b, c), less(q, a, c)
+        median = jnp.where(
+            ab, jnp.where(bc, b, jnp.where(ac, c, a)), jnp.where(ac, a, jnp.where(bc, c, b))
+        )
+        q = swap(q, first, median)
+
+        # The bounds never bind for a range still being split (the pivot stops both scans); under
+        # vmap the body also runs for groups already done, and they keep those loops finite.
+        def scan(s):
+            q, lo, hi, _ = s
+            lo = lax.while_loop(lambda i: (i < m - 1) & less(q, i, first), lambda i: i + 1, lo)
+            hi = lax.while_loop(lambda j: (j > 0) & less(q, first, j), lambda j: j - 1, hi - 1)
+            crossed = lo >= hi
+            q = jnp.where(crossed, q, swap(q, lo, hi))
+            return q, jnp.where(crossed, lo, lo + 1), hi, ~crossed
+
+        q, cut, _, _ = lax.while_loop(lambda s: s[3], scan, (q, first + 1, last, jnp.bool_(True)))
+        left = cut <= nth
+        return q, jnp.where(left, cut, first), jnp.where(left, last, cut)
+
+    start = (positions, jnp.int32(0), jnp.int32(m))
+    q, first, last = lax.while_loop(lambda s: s[2] - s[1] > 3, partition, start)
+    # The final insertion sort of [first, last) is stable: sort that stretch by value, then by
+    # position, and leave the entries outside it in place.
+    inside = (positions >= first) & (positions < last)
+    stretch = jnp.where(positions < first, 0, jnp.where(inside, 1, 2))
+    value = jnp.where(inside, v[q], jnp.zeros_like(v))
+    return lax.sort((stretch, value, positions, q), num_keys=3)[-1]
+
+
+def _keep_torch_cpu(groups: jax.Array, n_prune: int) -> jax.Array:
+    # groups: (d_in // m, m, d_out); the pruned entries are the first n_prune of each group's
+    # nth_element order (torch's CPU topk with k = n_prune).
+    if n_prune == 0:
+        return jnp.ones(groups.shape, bool)
+    m = groups.shape[1]
+    rows = jnp.moveaxis(groups, 1, -1).reshape(-1, m)
+    order = jax.vmap(lambda v: _nth_element_order(v, n_prune - 1))(rows)
+    ranks = jnp.argsort(order, axis=-1)
+    keep = (ranks >= n_prune).reshape(groups.shape[0], groups.shape[2], m)
+    return jnp.moveaxis(keep, -1, 1)
+
+
 def binarize(
     scores: Float[Array, "d_in d_out"],
     sparsity: float | None = None,
@@ -74,6 +157,7 @@ def binarize(
     *,
     group: str = "matrix",
     tiebreak: Float[Array, "d_in d_out"] | None = None,
+    ties: str = "first",
 ) -> Bool[Array, "d_in d_out"]:
     """Boolean keep-mask with exactly the requested number of zeros.
 
@@ -89,16 +173,22 @@ def binarize(
         N:M groups are always within one output.
       tiebreak: optional second sort key (same shape): entries with equal scores are ordered by
         it, and only entries equal in both fall back to the flat index order.
+      ties: which of equal scores in an N:M group go first (:data:`TIES`): ``"first"`` (the
+        earlier input; ``torch.topk`` on CUDA) or ``"torch-cpu"`` (``torch.topk`` on CPU:
+        libstdc++'s ``nth_element`` order, for ``M <= 9`` and without ``tiebreak``). Other
+        patterns always break ties by flat index.
 
     Returns:
       A boolean array shaped like ``scores``, ``True`` = keep.
 
     Raises:
       ValueError: impossible request (sparsity out of range, N > M, d_in not divisible by M), or
-        an unknown group.
+        an unknown group or tie rule, or ``"torch-cpu"`` ties where they do not apply.
     """
     if group not in GROUPS:
         raise ValueError(f"group={group!r} is not one of {GROUPS}.")
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r} is not one of {TIES}.")
     if tiebreak is not None and tiebreak.shape != scores.shape:
         raise ValueError(f"tiebreak has shape {tiebreak.shape}, scores {scores.shape}.")
     if scores.ndim != 2:
@@ -112,8 +202,18 @@ def binarize(
         if d_in % m:
             raise ValueError(f"pattern {pattern}: input dimension {d_in} is not divisible by {m}.")
         groups = scores.reshape(d_in // m, m, d_out)
+        if ties == "torch-cpu":
+            if tiebreak is not None or m > TORCH_CPU_MAX_M:
+                raise ValueError(
+                    f"ties='torch-cpu' reproduces torch.topk for N:M groups of M <= "
+                    f"{TORCH_CPU_MAX_M} without a tiebreak (got {pattern}, tiebreak "
+                    f"{'given' if tiebreak is not None else 'none'}); use ties='first'."
+                )
+            return _keep_torch_cpu(groups, m - n).reshape(d_in, d_out)
         tb = None if tiebreak is None else tiebreak.reshape(d_in // m, m, d_out)
         return _keep_lowest_pruned(groups, m - n, axis=1, tiebreak=tb).reshape(d_in, d_out)
+    if ties != "first":
+        raise ValueError(f"ties={ties!r} applies to N:M patterns only, not {pattern!r}.")
     if sparsity is None or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} is impossible: give a fraction in [0, 1).")
     if pattern == "row" or group == "output":

@@ -182,12 +182,18 @@ def test_tokenizer_matches_transformers_gguf_conversion(gguf_path, real):
     assert ours.encode("Hello world").ids == ref("Hello world")["input_ids"]
 
 
-def test_named_model_loads_with_bos_windows(gguf_path, wikitext_window):
+def test_named_model_loads_with_bos_windows(gguf_path, real, wikitext_window, monkeypatch):
+    from jaxprune.loaders import gguf as gguf_loader
     from jaxprune.loaders.resolve import load_model
     from jaxprune.models.gemma3 import Gemma3
     from jaxprune.tokenizer import BosTokenizer
 
+    # The name resolves to the cached file; its tensors were read once (the `real` fixture), so
+    # the reader hands those back instead of dequantizing the file again.
+    read = []
+    monkeypatch.setattr(gguf_loader, "read_gguf", lambda path: read.append(path) or real)
     model, tokenizer = load_model("gemma3-270m")
+    assert [Path(p) for p in read] == [gguf_path]
     assert isinstance(model, Gemma3) and isinstance(tokenizer, BosTokenizer)
     windows = data.eval_windows(tokenizer, "wikitext2", 2)
     np.testing.assert_array_equal(windows[:1], wikitext_window)

@@ -42,6 +42,58 @@ def test_n_m_keeps_n_in_every_group_of_m_inputs(pattern, n, m):
     assert measured_sparsity(jnp.asarray(keep)) == pytest.approx(1 - n / m)
 
 
+# One output, one group of four inputs; the pruned inputs of 2:4 under each tie rule. "first":
+# the earlier of equal scores goes (torch.topk on CUDA). "torch-cpu": the order libstdc++'s
+# nth_element leaves (torch.topk on CPU), by hand: the median of entries 1, 2, 3 is swapped to the
+# front as the pivot, the rest is partitioned around it, and the side holding entry 1 is sorted.
+@pytest.mark.parametrize(
+    "group,first,torch_cpu",
+    [
+        ([1.0, 1.0, 1.0, 1.0], [0, 1], [2, 3]),
+        ([0.0, 0.0, 1.0, 1.0], [0, 1], [0, 1]),
+        ([2.0, 1.0, 1.0, 1.0], [1, 2], [2, 3]),
+        ([1.0, 1.0, 0.0, 0.0], [2, 3], [2, 3]),
+        ([3.0, 1.0, 1.0, 2.0], [1, 2], [1, 2]),
+        ([0.5, 0.1, 0.9, 0.3], [1, 3], [1, 3]),
+    ],
+)
+def test_n_m_tie_rules(group, first, torch_cpu):
+    scores = jnp.asarray(group).reshape(4, 1)
+    for ties, pruned in (("first", first), ("torch-cpu", torch_cpu)):
+        keep = np.asarray(binarize(scores, pattern="2:4", ties=ties))[:, 0]
+        assert sorted(np.flatnonzero(~keep).tolist()) == pruned, ties
+
+
+def test_torch_cpu_ties_keep_n_of_m_and_the_largest():
+    rng = np.random.default_rng(1)
+    scores = jnp.asarray(rng.integers(0, 3, size=(72, 6)).astype(np.float32))
+    for n, m in [(2, 4), (4, 8), (1, 4), (3, 9), (4, 4), (0, 4)]:
+        d_in = scores.shape[0] // m * m
+        keep = np.asarray(binarize(scores[:d_in], pattern=f"{n}:{m}", ties="torch-cpu"))
+        first = np.asarray(binarize(scores[:d_in], pattern=f"{n}:{m}"))
+        groups, s = keep.reshape(-1, m, 6), np.asarray(scores[:d_in]).reshape(-1, m, 6)
+        assert (groups.sum(axis=1) == n).all()
+        # Only the order among equal scores differs: the kept scores are the same multiset.
+        np.testing.assert_array_equal(
+            np.sort(np.where(groups, s, -1), axis=1),
+            np.sort(np.where(first.reshape(-1, m, 6), s, -1), axis=1),
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(pattern="2:4", ties="last"), r"ties='last' is not one of"),
+        (dict(sparsity=0.5, ties="torch-cpu"), r"N:M patterns only"),
+        (dict(pattern="2:4", ties="torch-cpu", tiebreak=jnp.ones((16, 4))), r"without a tiebreak"),
+        (dict(pattern="8:16", ties="torch-cpu"), r"M <= 9"),
+    ],
+)
+def test_tie_rule_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        binarize(jnp.ones((16, 4)), **kwargs)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -327,3 +327,17 @@ def test_a_row_depends_only_on_the_sections_of_the_methods_it_runs():
     assert _same_settings(
         handed, to_dict(replace(PruneConfig(), method="softmax", softmax={"other_method": "wanda"}))
     )
+
+
+def test_the_committed_magnitude_2_4_row_is_the_first_tie_rule_and_torch_cpu_is_another_row():
+    """The row ran before ``magnitude.ties`` existed, with the rule that is now its default."""
+    from jaxprune.table import _reusable
+
+    cfg = _table().row_configs()["magnitude qk 2:4"]
+    found = _reusable(FULL, cfg)
+    assert found is not None and cfg.magnitude.ties == "first"
+    stored = json.loads((FULL / "runs" / Path(found["run_dir"]).name / "metrics.json").read_text())
+    assert "ties" not in stored["config"].get("magnitude", {})
+    assert _reusable(FULL, replace(cfg, magnitude={"ties": "torch-cpu"})) is None
+    with pytest.raises(ConfigError, match=r"magnitude.ties='last' is not allowed"):
+        replace(cfg, magnitude={"ties": "last"})

@@ -2,9 +2,9 @@
 
 Reads the layout ``transformers`` writes (a single ``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``) and writes a folder that ``transformers`` loads
-(``LlamaForCausalLM``, ``Gemma3ForCausalLM``, ...), so a pruned model can leave jaxprune for any
-Hugging Face tool. The family comes from ``config.json``'s ``model_type``
-(:data:`jaxprune.models.FAMILIES`).
+(``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
+``Gemma3ForCausalLM``), so a pruned model can leave jaxprune for any Hugging Face tool. The family
+comes from ``config.json``'s ``model_type`` (:data:`jaxprune.models.FAMILIES`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ MODEL_TYPES = tuple(FAMILIES)
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "LlamaModel": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
     "Gemma3ForCausalLM": "gemma3_text",
 }
 
@@ -45,7 +48,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _model_type(hf_config: dict, config_path: Path) -> str:
-    """The family key of a config.json; refuses another architecture (GPT-2, Qwen, ...), whose
+    """The family key of a config.json; refuses another architecture (GPT-2, Phi, ...), whose
     tensors could load into the wrong places or whose layers compute something else."""
     model_type = hf_config.get("model_type")
     archs = hf_config.get("architectures") or []
@@ -57,20 +60,22 @@ def _model_type(hf_config: dict, config_path: Path) -> str:
         raise WeightFileError(
             f"{config_path} describes a {model_type!r} model; jaxprune implements the model "
             f"types {', '.join(map(repr, MODEL_TYPES))} (Llama 2/3, SmolLM2, TinyLlama, ...; "
-            "Gemma 3 text decoders). Pass a model of one of these families."
+            "Qwen2/2.5; dense Qwen3; Mistral; Gemma 3 text decoders). Pass a model of one of "
+            "these families."
         )
     return model_type
 
 
 def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """Reads a Hugging Face folder of a supported family (Llama, Gemma 3 text).
+    """Reads a Hugging Face folder of a supported family (Llama, Qwen2, Qwen3, Mistral, Gemma 3
+    text).
 
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` or
         ``model.safetensors.index.json`` plus the shards it names.
 
     Returns:
-      ``(config, tensors)``: the family's config (:class:`LlamaConfig`, ``Gemma3Config``, ...);
+      ``(config, tensors)``: the family's config (:class:`LlamaConfig`, ``Qwen2Config``, ...);
       tensors keyed by Hugging Face name in PyTorch layout, in the dtype the files store
       (bfloat16 arrives as ``ml_dtypes.bfloat16``).
     """
@@ -188,7 +193,7 @@ def write_hf_folder(
     model: Llama, path: str | Path, tokenizer=None, max_shard_bytes: int | None = None
 ) -> Path:
     """Writes ``model`` as a folder that ``transformers`` loads (``LlamaForCausalLM``,
-    ``Gemma3ForCausalLM``: the class ``config.json`` names).
+    ``Qwen2ForCausalLM``, ...: the class ``config.json`` names).
 
     Args:
       model: the model to save (tied models store no ``lm_head.weight``, as transformers does).

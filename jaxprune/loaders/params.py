@@ -1,9 +1,9 @@
 """Hugging Face tensor names and layout <-> the parameters of a model family's NNX model.
 
 One table per family maps each Hugging Face tensor name (PyTorch layout, linear weights
-``(out, in)``) to a path in the model's NNX state and says how to transform it: Llama's is here,
-another family's is its module's ``HF_PARAMS`` (for example
-:data:`jaxprune.models.gemma3.HF_PARAMS`); the family comes from the config's class. Loading
+``(out, in)``) to a path in the model's NNX state and says whether it is transposed: the family
+module's ``HF_PARAMS`` (:data:`jaxprune.models.llama.HF_PARAMS`, which the families built on Llama
+share, :data:`jaxprune.models.gemma3.HF_PARAMS`); the family comes from the config's class. Loading
 fills an abstract model built with ``nnx.eval_shape`` (no random weights are ever materialised)
 and reports every mismatch at once, so a wrong checkpoint is diagnosed in one run instead of one
 error per attempt.
@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxprune.errors import UserError
 from jaxprune.models import model_class
+from jaxprune.models.llama import HF_PARAMS as LLAMA_PARAMS
 from jaxprune.models.llama import Llama, LlamaConfig
 
 
@@ -45,32 +46,6 @@ def _same(w: np.ndarray) -> np.ndarray:
     return w
 
 
-# (Hugging Face name, model state path, transform HF -> model). "{i}" is the layer index; the
-# transforms are their own inverses (identity or transpose), so the table serves both directions.
-_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
-    ("model.embed_tokens.weight", "embed_tokens.embedding", _same),
-    ("model.norm.weight", "norm.weight", _same),
-    ("lm_head.weight", "lm_head.kernel", _transpose),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", _same),
-    (
-        "model.layers.{i}.post_attention_layernorm.weight",
-        "layers.{i}.post_attention_layernorm.weight",
-        _same,
-    ),
-    *[
-        (
-            f"model.layers.{{i}}.self_attn.{p}_proj.weight",
-            f"layers.{{i}}.self_attn.{p}_proj.kernel",
-            _transpose,
-        )
-        for p in ("q", "k", "v", "o")
-    ],
-    *[
-        (f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.kernel", _transpose)
-        for p in ("gate", "up", "down")
-    ],
-]
-
 # Buffers some checkpoints carry that the model recomputes; present or not, they are ignored.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -79,16 +54,12 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
 
 
-_HF_TO_MODEL = [(_pattern(hf), path, fn) for hf, path, fn in _TABLE]
-_MODEL_TO_HF = [(_pattern(path), hf, fn) for hf, path, fn in _TABLE]
-
-
 def _rules(model_cls: type) -> tuple[list, list]:
     """``(HF -> model, model -> HF)`` rules of a family: its module's ``HF_PARAMS`` table of
-    ``(HF name, state path, transposed)``, or Llama's table above."""
-    table = getattr(importlib.import_module(model_cls.__module__), "HF_PARAMS", None)
-    if table is None:
-        return _HF_TO_MODEL, _MODEL_TO_HF
+    ``(HF name, state path, transposed)`` (Llama's for a module without one). The transforms are
+    their own inverses (identity or transpose), so the table serves both directions."""
+    module = importlib.import_module(model_cls.__module__)
+    table = getattr(module, "HF_PARAMS", LLAMA_PARAMS)
     rows = [(hf, path, _transpose if transposed else _same) for hf, path, transposed in table]
     return (
         [(_pattern(hf), path, fn) for hf, path, fn in rows],

@@ -1,5 +1,7 @@
-"""Model families, one module each (``llama``, ``gemma3``): the decoder in Flax NNX, its config,
-and the per-layer :class:`~jaxprune.models.spec.AttentionSpec` that pruning code reads.
+"""Model families, one module each (``llama``, ``qwen2``, ``qwen3``, ``mistral``, ``gemma3``): the
+decoder in Flax NNX, its config, and the per-layer :class:`~jaxprune.models.spec.AttentionSpec`
+that pruning code reads. Qwen2, Qwen3 and Mistral are Llama's decoder with another config (q/k/v
+biases, a q/k norm, a sliding window); Gemma 3 has layers of its own.
 
 :data:`FAMILIES` maps a checkpoint's ``model_type`` to its family module; :func:`family` imports
 it on demand, so reading a spec does not import every family. :data:`CLASSES` names each family
@@ -16,6 +18,9 @@ from types import ModuleType
 # Hugging Face model_type (or GGUF architecture) -> the module of its family.
 FAMILIES = {
     "llama": "jaxprune.models.llama",
+    "qwen2": "jaxprune.models.qwen2",
+    "qwen3": "jaxprune.models.qwen3",
+    "mistral": "jaxprune.models.mistral",
     "gemma3_text": "jaxprune.models.gemma3",
     # llama.cpp's architecture name for the Gemma 3 text decoder.
     "gemma3": "jaxprune.models.gemma3",
@@ -23,6 +28,9 @@ FAMILIES = {
 # Family module -> the names of its config class and its model class.
 CLASSES = {
     "jaxprune.models.llama": ("LlamaConfig", "Llama"),
+    "jaxprune.models.qwen2": ("Qwen2Config", "Qwen2"),
+    "jaxprune.models.qwen3": ("Qwen3Config", "Qwen3"),
+    "jaxprune.models.mistral": ("MistralConfig", "Mistral"),
     "jaxprune.models.gemma3": ("Gemma3Config", "Gemma3"),
 }
 

@@ -6,12 +6,16 @@ attention with rotary embeddings, RMSNorm, SwiGLU MLP), a final RMSNorm and the 
 
 Conventions:
   * Linear kernels are input-major, ``y = x @ kernel`` with ``kernel`` of shape ``(d_in, d_out)``,
-    and have no bias. Loaders transpose PyTorch's ``(out, in)`` weights on the way in.
+    and have no bias (the families built on Llama add the attention biases their config names).
+    Loaders transpose PyTorch's ``(out, in)`` weights on the way in (:data:`HF_PARAMS`).
   * Rotary embeddings come from :mod:`jaxprune.rope` and the causal softmax from
     :mod:`jaxprune.attention`, the same functions the pruning objective uses, so the objective
     sees exactly the attention the model computes.
   * ``DecoderLayer.__call__(..., capture=True)`` also returns the inputs of every projection and
     the attention probabilities, so calibration code never duplicates the forward pass.
+  * The attention reads the layer's :class:`~jaxprune.models.spec.AttentionSpec`, the description
+    the pruning objective reads too: Qwen2 (:mod:`jaxprune.models.qwen2`), Qwen3 and Mistral are
+    this model with another config (biases, a q/k norm, a sliding window).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +44,17 @@ NLL_CHUNK = 512
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shape and numerics of a Llama-family decoder."""
+    """Shape and numerics of a Llama-family decoder.
+
+    Families built on Llama's layers (Qwen2, Qwen3, Mistral) subclass it: they add their fields,
+    override :meth:`attention_spec` and :attr:`attention_biases`, and read and write their own
+    ``config.json`` keys around :meth:`hf_fields` and :meth:`hf_common`.
+    """
+
+    # Hugging Face model_type, architecture and the family's name in messages.
+    model_type: ClassVar[str] = "llama"
+    architecture: ClassVar[str] = "LlamaForCausalLM"
+    family_name: ClassVar[str] = "Llama"
 
     # Number of tokens in the vocabulary (rows of the embedding).
     vocab_size: int
@@ -66,6 +80,7 @@ class LlamaConfig:
     rope_scaling: Llama3RopeScaling | None = None
 
     def __post_init__(self):
+        cls = type(self).__name__
         for name in (
             "vocab_size",
             "hidden_size",
@@ -77,18 +92,18 @@ class LlamaConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}.")
+                raise ValueError(f"{cls}.{name} must be a positive int, got {value!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"{cls}.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads}) for grouped-query attention."
             )
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+            raise ValueError(f"{cls}.head_dim must be even for RoPE, got {self.head_dim}.")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
             raise ValueError(
-                "LlamaConfig.rope_scaling must be a jaxprune.rope.Llama3RopeScaling or None, got "
-                f"{self.rope_scaling!r}; use LlamaConfig.from_hf_config to read a config.json dict."
+                f"{cls}.rope_scaling must be a jaxprune.rope.Llama3RopeScaling or None, got "
+                f"{self.rope_scaling!r}; use {cls}.from_hf_config to read a config.json dict."
             )
 
     def projection_inputs(self) -> dict[str, int]:
@@ -97,9 +112,15 @@ class LlamaConfig:
         dims = dict.fromkeys(("q", "k", "v", "gate", "up"), self.hidden_size)
         return dims | {"o": self.num_heads * self.head_dim, "down": self.intermediate_size}
 
+    @property
+    def attention_biases(self) -> tuple[str, ...]:
+        """The attention projections (of ``"q", "k", "v", "o"``) that add a bias: none in a
+        Llama."""
+        return ()
+
     def attention_spec(self, layer: int) -> AttentionSpec:
-        """The attention of decoder layer ``layer`` as pruning code recomputes it (the same in
-        every layer of a Llama)."""
+        """The attention of decoder layer ``layer`` as pruning code recomputes it, and as the
+        model's :class:`Attention` computes it (the same in every layer of a Llama)."""
         del layer  # every Llama layer attends alike
         return AttentionSpec(
             n_heads=self.num_heads,
@@ -121,6 +142,22 @@ class LlamaConfig:
           missing or when the file asks for a feature this model does not implement (biases,
           RoPE scaling other than none or ``llama3``, an activation other than SiLU).
         """
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("config.json asks for attention/MLP biases; the Llama model has none.")
+        return cls(**cls.hf_fields(hf))
+
+    @classmethod
+    def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        """The fields of :class:`LlamaConfig` from a ``config.json`` dict, which every family
+        built on Llama shares (shape, RoPE, norm epsilon, tied head).
+
+        Args:
+          hf: the parsed ``config.json``.
+
+        Returns:
+          ``{field: value}``. Raises ``ValueError`` naming the key when a required key is missing,
+          the activation is not SiLU or the RoPE scaling is other than none or ``llama3``.
+        """
         required = (
             "vocab_size",
             "hidden_size",
@@ -130,9 +167,10 @@ class LlamaConfig:
         )
         missing = [k for k in required if k not in hf]
         if missing:
-            raise ValueError(f"config.json lacks the Llama keys {missing}; is this a Llama model?")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("config.json asks for attention/MLP biases; the Llama model has none.")
+            raise ValueError(
+                f"config.json lacks the {cls.family_name} keys {missing}; is this a "
+                f"{cls.family_name} model?"
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(
                 f"config.json hidden_act={hf['hidden_act']!r}; only silu is supported."
@@ -159,7 +197,7 @@ class LlamaConfig:
         heads = hf["num_attention_heads"]
         # transformers 5 moved rope_theta into rope_parameters; read either place.
         theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        return cls(
+        return dict(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -180,6 +218,11 @@ class LlamaConfig:
           The dict in the transformers 4 layout (``rope_theta`` and ``rope_scaling`` at the top
           level), which transformers 5 also reads.
         """
+        return self.hf_common() | {"attention_bias": False, "mlp_bias": False}
+
+    def hf_common(self) -> dict[str, Any]:
+        """The ``config.json`` keys every family built on Llama writes alike: the class and
+        ``model_type`` of the config's family, the shape, RoPE, norm epsilon and tied head."""
         scaling = self.rope_scaling
         # transformers warns unless the scaled context exceeds the original one; Llama 3 models
         # ship max_position_embeddings = factor * original, so write that.
@@ -189,8 +232,8 @@ class LlamaConfig:
             else int(scaling.factor * scaling.original_max_position_embeddings)
         )
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -202,8 +245,6 @@ class LlamaConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": None if scaling is None else scaling.to_hf(),
-            "attention_bias": False,
-            "mlp_bias": False,
             "tie_word_embeddings": self.tie_embeddings,
             "max_position_embeddings": max_positions,
             "torch_dtype": "float32",
@@ -225,44 +266,63 @@ class RMSNorm(nnx.Module):
         return weight * normed.astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
-    """Grouped-query causal self-attention with rotary embeddings."""
+    """Grouped-query causal self-attention with rotary embeddings, as the layer's
+    :class:`~jaxprune.models.spec.AttentionSpec` describes it: a Llama's plain attention, and the
+    features of the families built on it (projection biases, a per-head q/k RMSNorm between the
+    projection and RoPE, a sliding window)."""
 
-    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs, layer: int = 0):
         c = config
+        spec = c.attention_spec(layer)
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, dtype, rngs)
-        self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
-        self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
-        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, dtype, rngs)
+        # Static (part of the graph definition): layers with and without a window compile apart.
+        self.window = spec.window
+        q_width, kv_width, biased = spec.q_width, spec.kv_width, c.attention_biases
+        self.q_proj = _linear(c.hidden_size, q_width, dtype, rngs, "q" in biased)
+        self.k_proj = _linear(c.hidden_size, kv_width, dtype, rngs, "k" in biased)
+        self.v_proj = _linear(c.hidden_size, kv_width, dtype, rngs, "v" in biased)
+        self.o_proj = _linear(q_width, c.hidden_size, dtype, rngs, "o" in biased)
+        eps = spec.qk_norm_eps
+        self.q_norm = None if eps is None else RMSNorm(c.head_dim, eps, dtype)
+        self.k_norm = None if eps is None else RMSNorm(c.head_dim, eps, dtype)
 
     def _qkv(self, x, cos, sin):
         b, t, _ = x.shape
         h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, t, h, dh)
+        k = self.k_proj(x).reshape(b, t, g, dh)
+        if self.q_norm is not None:  # per head, before RoPE (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
         # Heads to axis 1 so the token axis is second to last, as apply_rope expects.
-        q = apply_rope(self.q_proj(x).reshape(b, t, h, dh).transpose(0, 2, 1, 3), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, g, dh).transpose(0, 2, 1, 3), cos, sin)
+        q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)
+        k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
         v = self.v_proj(x).reshape(b, t, g, dh).transpose(0, 2, 1, 3)
         # Query head i uses key/value head i // (h/g): split h as (g, h/g), group-major.
         return q.reshape(b, g, h // g, t, dh), k, v
 
-    def _probs(self, q, k, dtype):
+    def _probs(self, q, k, dtype, query_positions=None):
         logits = jnp.einsum("bgrtd,bgsd->bgrts", q, k) / math.sqrt(self.head_dim)
         # Softmax in float32 (as transformers does) so bf16 weights do not degrade the rows.
-        return attention_probs(logits.astype(jnp.float32)).astype(dtype)
+        probs = attention_probs(
+            logits.astype(jnp.float32), query_positions=query_positions, window=self.window
+        )
+        return probs.astype(dtype)
 
     def __call__(
         self, x: Float[Array, "b t d"], cos: Float[Array, "t dh"], sin: Float[Array, "t dh"]
     ) -> tuple[Float[Array, "b t d"], Float[Array, "b t hdh"]]:
         """Attention output and the input of ``o_proj``.
 
-        Query rows go in blocks of ``QUERY_BLOCK``, each against the keys up to its last
-        position only: the masked upper triangle of the score matrix is never computed (about
-        40% of the attention work and memory at 2048 tokens) and no ``(t, t)`` matrix is kept.
+        Query rows go in blocks of ``QUERY_BLOCK``, each against only the keys it can see: those
+        up to its last row and, with a window, from ``window - 1`` before its first row. The
+        masked upper triangle of the score matrix is never computed (about 40% of the attention
+        work and memory at 2048 tokens), no ``(t, t)`` matrix is kept, and a windowed layer's
+        cost is linear in ``t``.
 
         Args:
           x: normed hidden states ``(b, t, d)``.
@@ -277,9 +337,12 @@ class Attention(nnx.Module):
         outs = []
         for start in range(0, t, QUERY_BLOCK):
             end = min(start + QUERY_BLOCK, t)
-            # Rows start..end-1 are the last rows of a causal (end-start, end) block.
-            probs = self._probs(q[:, :, :, start:end], k[:, :, :end], x.dtype)
-            outs.append(jnp.einsum("bgrts,bgsd->btgrd", probs, v[:, :, :end]))
+            first = 0 if self.window is None else max(0, start - self.window + 1)
+            # Rows start..end-1 sit at key positions start-first.. of the slice first..end-1
+            # (without a window: the last rows of a causal (end-start, end) block).
+            positions = None if self.window is None else jnp.arange(start, end) - first
+            probs = self._probs(q[:, :, :, start:end], k[:, :, first:end], x.dtype, positions)
+            outs.append(jnp.einsum("bgrts,bgsd->btgrd", probs, v[:, :, first:end]))
         out = jnp.concatenate(outs, axis=1).reshape(b, t, -1)
         return self.o_proj(out), out
 
@@ -290,6 +353,21 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         q, k, _ = self._qkv(x, cos, sin)
         return self._probs(q, k, x.dtype).reshape(b, self.num_heads, t, t)
+
+    def extras(self) -> QKExtras:
+        """The arrays beside the kernels that shape q, k and v, as the objective applies them:
+        the q/k/v biases and the q/k norm multipliers, ``None`` where the layer has none."""
+
+        def value(param):
+            return None if param is None else param[...]
+
+        return QKExtras(
+            q_bias=value(self.q_proj.bias),
+            k_bias=value(self.k_proj.bias),
+            v_bias=value(self.v_proj.bias),
+            q_norm=None if self.q_norm is None else self.q_norm.weight[...],
+            k_norm=None if self.k_norm is None else self.k_norm.weight[...],
+        )
 
 
 class MLP(nnx.Module):
@@ -311,9 +389,9 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm decoder layer: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
 
-    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs, layer: int = 0):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, dtype, rngs)
+        self.self_attn = Attention(config, dtype, rngs, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
@@ -373,7 +451,7 @@ class Llama(nnx.Module):
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
         self.layers = nnx.List(
-            [DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)]
+            [DecoderLayer(config, dtype, rngs, i) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = (
@@ -392,9 +470,9 @@ class Llama(nnx.Module):
         return rope_tables(t, c.head_dim, c.rope_theta, dtype=jnp.float32, scaling=c.rope_scaling)
 
     def attention_extras(self, layer: int) -> QKExtras:
-        """The layer's q/k/v biases and q/k norm multipliers: a Llama has none."""
-        del layer
-        return QKExtras()
+        """The q/k/v biases and q/k norm multipliers of decoder layer ``layer`` (a Llama has
+        none: all ``None``)."""
+        return self.layers[layer].self_attn.extras()
 
     def layer_context(self, layer: int, t: int) -> tuple[jax.Array, ...]:
         """What decoder layer ``layer`` takes beside its input for ``t`` tokens: the RoPE
@@ -479,3 +557,37 @@ def make_forward(model: Llama):
     """Splits ``model`` once and returns a jitted ``tokens (b, t) -> logits (b, t, vocab)``."""
     graphdef, state = nnx.split(model)
     return partial(logits_fn, graphdef, state)
+
+
+# (Hugging Face name, model state path, whether PyTorch's (out, in) weight is transposed into the
+# model's (in, out) kernel). "{i}" is the layer index. The loaders read this table
+# (jaxprune.loaders.params) for Llama and the families built on it: a row whose parameter a model
+# lacks (a bias, a q/k norm) matches no slot of it, so such a tensor in a file is reported as
+# unknown.
+HF_PARAMS: list[tuple[str, str, bool]] = [
+    ("model.embed_tokens.weight", "embed_tokens.embedding", False),
+    ("model.norm.weight", "norm.weight", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+    *[
+        (f"model.layers.{{i}}.{n}.weight", f"layers.{{i}}.{n}.weight", False)
+        for n in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_norm",
+            "self_attn.k_norm",
+        )
+    ],
+    *[
+        (
+            f"model.layers.{{i}}.self_attn.{p}_proj.{kind}",
+            f"layers.{{i}}.self_attn.{p}_proj.{slot}",
+            kind == "weight",
+        )
+        for p in ("q", "k", "v", "o")
+        for kind, slot in (("weight", "kernel"), ("bias", "bias"))
+    ],
+    *[
+        (f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.kernel", True)
+        for p in ("gate", "up", "down")
+    ],
+]
