@@ -100,6 +100,38 @@ def test_streamed_run_from_gguf_equals_the_run_in_memory(tmp_path):
     assert_same_run(memory, stream)
 
 
+def test_streamed_run_of_a_family_with_biases_and_qk_norm_equals_the_run_in_memory(tmp_path):
+    # Qwen3 with attention biases: the held-out errors read the open layer's biases and q/k
+    # norm weights (attention_extras).
+    from flax import nnx
+
+    from jaxprune.loaders.hf import write_hf_folder
+    from jaxprune.models import model_class
+    from jaxprune.models.qwen3 import Qwen3Config
+
+    config = Qwen3Config.from_hf_config(
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            attention_bias=True,
+            tie_word_embeddings=True,
+        )
+    )
+    model = model_class(config)(config, rngs=nnx.Rngs(0))
+    path = write_hf_folder(model, tmp_path / "qwen3")
+    cfg = replace(BASE, method="wanda")
+    calib = calibration_chunks(tokens(4), 2)
+    held = calibration_chunks(tokens(1, seed=1), 1)
+    assert_same_run(
+        in_memory(path, cfg, calib, held), streamed(path, cfg, calib, held, tmp_path / "p")
+    )
+
+
 class _StopError(Exception):
     pass
 
