@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxprune import data, outputs, results, resume
+from jaxprune import data, outputs, results, resume, streaming
 from jaxprune.config import to_dict, yaml_text
 from jaxprune.errors import ModelError, OutputError
-from jaxprune.loaders.resolve import load_model
+from jaxprune.loaders.lazy import open_weights
+from jaxprune.loaders.resolve import load_model, locate
 from jaxprune.methods import registry
 from jaxprune.perplexity import perplexity
 from jaxprune.pipeline import (
@@ -77,14 +79,39 @@ def eval_sequences(tokenizer, cfg: PruneConfig) -> dict[str, Any]:
     return out
 
 
-def evaluate(model, tokenizer, cfg: PruneConfig, sequences: dict | None = None) -> dict[str, dict]:
-    """Perplexity on each of ``cfg.eval.data`` (``sequences``: from :func:`eval_sequences`)."""
+def evaluate(
+    model, tokenizer, cfg: PruneConfig, sequences: dict | None = None, token_nlls=None
+) -> dict[str, dict]:
+    """Perplexity on each of ``cfg.eval.data`` (``sequences``: from :func:`eval_sequences`;
+    ``token_nlls``: a streamed model's, see :func:`jaxprune.perplexity.perplexity`)."""
     if sequences is None:
         sequences = eval_sequences(tokenizer, cfg)
     return {
-        name: perplexity(model, seqs, batch_size=cfg.eval.batch, progress=cfg.progress)
+        name: perplexity(
+            model, seqs, batch_size=cfg.eval.batch, progress=cfg.progress, token_nlls=token_nlls
+        )
         for name, seqs in sequences.items()
     }
+
+
+def _streams(cfg: PruneConfig, weights, resume_dir: str | None) -> bool:
+    """Whether the run streams: a resumed run goes on in the mode its saved layers show;
+    otherwise ``cfg.stream`` decides (``auto``: by the model's float32 size)."""
+    stream = streaming.should_stream(cfg.stream, cfg.stream_threshold_gib, weights.param_bytes)
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        if any((run_dir / streaming.PRUNED_DIR).glob("layer-*.safetensors")):
+            stream = True
+        elif any((run_dir / resume.LAYERS_DIR).glob("[0-9]*")):
+            stream = False
+    if stream and cfg.calibration.layer_inputs == "dense":
+        raise ModelError(
+            f"stream={yaml_text(cfg.stream)} streams {cfg.model} "
+            f"({outputs.size_text(weights.param_bytes)} in float32), but "
+            "calibration.layer_inputs=dense needs every layer in memory at once; use "
+            "--calibration.layer-inputs sequential, or --stream false."
+        )
+    return stream
 
 
 def _check_out(out: str | Path) -> None:
@@ -150,7 +177,15 @@ def run_job(
         outputs.check_export_dir(export_hf, overwrite)
     if resume_dir is not None:
         resume.check_resumable(resume_dir, config, to_dict(PruneConfig()))
-    model, tokenizer = load_model(cfg.model)
+    path = locate(cfg.model)
+    weights = open_weights(path)
+    stream = _streams(cfg, weights, resume_dir)
+    if stream:
+        source = streaming.StreamedLayers(weights)
+        model, tokenizer = source.model, weights.tokenizer
+    else:
+        source = None
+        model, tokenizer = load_model(str(path))
     if tokenizer is None:
         raise ModelError(
             f"model {cfg.model!r} came without a tokenizer; pass a folder with "
@@ -187,7 +222,10 @@ def run_job(
         run_dir = Path(resume_dir)
     if cfg.progress:
         print(f"run folder {run_dir} (if stopped: add --resume {run_dir})", file=sys.stderr)
-    store = resume.LayerStore(run_dir / resume.LAYERS_DIR, config)
+    if stream:
+        store = streaming.LayerFiles(run_dir / streaming.PRUNED_DIR, config, source.kernel_names)
+    else:
+        store = resume.LayerStore(run_dir / resume.LAYERS_DIR, config)
     saved = []
     try:
         try:
@@ -199,13 +237,23 @@ def run_job(
                 else [],
                 cfg,
                 store=store,
+                layers=source,
+                keep_masks=not stream,
             )
         finally:
             saved = store.saved_layers()
             store.close()
-        ppl = evaluate(model, tokenizer, cfg, sequences)
-        files = save_outputs(run_dir, model, report["masks"], cfg)
-        if export_hf:
+        if stream:
+            source.pruned = store
+            ppl = evaluate(None, tokenizer, cfg, sequences, token_nlls=source.token_nlls)
+            files = [f"{streaming.PRUNED_DIR}/"] if saved else []
+        else:
+            ppl = evaluate(model, tokenizer, cfg, sequences)
+            files = save_outputs(run_dir, model, report["masks"], cfg)
+        if export_hf and stream:
+            write = partial(streaming.write_hf_folder, source, tokenizer=tokenizer)
+            outputs.export_hf_folder(model, export_hf, tokenizer=tokenizer, write=write)
+        elif export_hf:
             outputs.export_hf_folder(model, export_hf, tokenizer=tokenizer)
     except BaseException as err:  # Ctrl-C too: say how to go on
         if saved:
@@ -214,11 +262,7 @@ def run_job(
                 "to go on."
             )
         raise
-    sparsity = {
-        f"{li}.{k}": float(1.0 - np.mean(np.asarray(v)))
-        for li, m in report["masks"].items()
-        for k, v in m.items()
-    }
+    sparsity = report["sparsity"]
     warnings = [w for layer in report["layers"] for w in layer.get("warnings", [])]
     metrics = dict(
         command=command,
@@ -232,6 +276,8 @@ def run_job(
         total_seconds=time.perf_counter() - t0,
         host_peak_rss_bytes=report["host_peak_rss_bytes"],
         device_peak_bytes=report.get("device_peak_bytes"),
+        stream=stream,
+        model_param_bytes=weights.param_bytes,
         layers=report["layers"],
         device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         device_count=jax.device_count(),

@@ -55,3 +55,31 @@ def embed_chunks(model: Llama, chunks: list) -> list[jax.Array]:
     """Token chunks ``(b, t)`` -> embeddings ``(b, t, d)``, chunk by chunk."""
     graphdef, state = nnx.split(model)
     return [_embed(graphdef, state, jnp.asarray(c, jnp.int32)) for c in chunks]
+
+
+class ModelLayers:
+    """Where :func:`jaxprune.pipeline.prune_model` finds each decoder layer: here, in the model
+    held in memory. :class:`jaxprune.streaming.StreamedLayers` is the other source, reading each
+    layer from disk when its turn comes.
+
+    A source embeds token chunks, opens layer ``li`` (its module, whose kernels the caller may
+    rewrite) and closes it when the caller is done with it.
+    """
+
+    # Every layer is in memory at once (what calibrating all layers on dense inputs needs).
+    in_memory = True
+
+    def __init__(self, model: Llama):
+        self.model = model
+
+    def embed(self, chunks: list) -> list[jax.Array]:
+        """Token chunks ``(b, t)`` -> embeddings ``(b, t, d)``."""
+        return embed_chunks(self.model, chunks)
+
+    def open(self, li: int) -> DecoderLayer:
+        """Decoder layer ``li``."""
+        return self.model.layers[li]
+
+    def close(self, li: int) -> None:
+        """Done with layer ``li`` (it stays in the model)."""
+        del li

@@ -254,10 +254,12 @@ def export_bytes(model, tokenizer=None) -> int:
     return tree_bytes(leaves) + _PER_TENSOR_BYTES * len(leaves) + _EXPORT_SLACK_BYTES + tokens
 
 
-def export_hf_folder(model, path: str | Path, tokenizer=None) -> Path:
+def export_hf_folder(model, path: str | Path, tokenizer=None, write=None) -> Path:
     """Writes the Hugging Face folder into a hidden sibling and renames it into place when
     complete, so a stopped export leaves no half-written model (and an earlier export stays
-    whole until the new one is complete).
+    whole until the new one is complete). ``write(folder)`` writes it (default:
+    :func:`jaxprune.loaders.hf.write_hf_folder` of ``model`` and ``tokenizer``; a streamed
+    model's is :func:`jaxprune.streaming.write_hf_folder`).
 
     The sibling is removed when the export fails or is interrupted; those left by processes that
     no longer run (killed) are removed first.
@@ -277,7 +279,10 @@ def export_hf_folder(model, path: str | Path, tokenizer=None) -> Path:
     partial = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        write_hf_folder(model, partial, tokenizer=tokenizer)
+        if write is None:
+            write_hf_folder(model, partial, tokenizer=tokenizer)
+        else:
+            write(partial)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)

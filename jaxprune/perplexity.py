@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,15 +63,20 @@ def perplexity(
     windows: np.ndarray | Sequence[np.ndarray],
     batch_size: int = 4,
     progress: bool = True,
+    token_nlls: Callable[[list[np.ndarray]], Iterator[np.ndarray]] | None = None,
 ) -> dict[str, float | int]:
     """Perplexity of ``model`` on token windows or variable-length sequences.
 
     Args:
-      model: the model to evaluate.
+      model: the model to evaluate (unused with ``token_nlls``).
       windows: token ids, either an ``(N, T)`` integer array or a sequence of 1-D integer arrays
         of any lengths (token-weighted mean).
       batch_size: sequences per forward pass.
       progress: show a tqdm bar (on stderr).
+      token_nlls: computes the next-token NLLs ``(b, t-1)`` of a list of token batches
+        ``(b, t)``, yielding one array per batch in order (default: ``model``'s forward, batch
+        by batch; a streamed model passes
+        :meth:`jaxprune.streaming.StreamedLayers.token_nlls`).
 
     Returns:
       ``{"perplexity": exp(nll), "nll": mean next-token NLL (nats), "windows": N,
@@ -94,16 +99,22 @@ def perplexity(
         raise ValueError("no windows to evaluate; check the dataset and the window count.")
     # A batch larger than the number of sequences would only compute padding.
     batch_size = min(batch_size, n_seqs)
-    batches = make_batches(batch_size)
+    batches = list(make_batches(batch_size))
+    if token_nlls is None:
+        graphdef, state = nnx.split(model)
 
-    graphdef, state = nnx.split(model)
+        def token_nlls(batch_tokens):
+            for tokens in batch_tokens:
+                yield token_nll(graphdef, state, jnp.asarray(tokens))
+
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
     window_nll = np.zeros(n_seqs, np.float64)
     window_tokens = np.zeros(n_seqs, np.int64)
     bar = tqdm(total=n_seqs, unit="window", desc="perplexity", disable=not progress)
-    for tokens, lengths, indices in batches:
-        nll = np.asarray(token_nll(graphdef, state, jnp.asarray(tokens)), np.float64)
+    nlls = token_nlls([tokens for tokens, _, _ in batches])
+    for (_, lengths, indices), nll in zip(batches, nlls, strict=True):
+        nll = np.asarray(nll, np.float64)
         # nll[:, i] predicts token i + 1; sequence r has lengths[r] - 1 predictions.
         valid = np.arange(nll.shape[1])[None, :] < (lengths[:, None] - 1)
         per_row = np.sum(nll, axis=1, where=valid)

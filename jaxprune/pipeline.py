@@ -112,32 +112,48 @@ def prune_model(
     heldout_chunks: list[np.ndarray],
     cfg: PruneConfig,
     store=None,
+    layers=None,
+    keep_masks: bool = True,
 ) -> dict[str, Any]:
     """Prunes ``model`` in place, layer by layer, with the method ``cfg.method`` names.
 
     Args:
-      model: the dense model (its kernels are overwritten).
+      model: the dense model (its kernels are overwritten); with ``layers`` a
+        :class:`jaxprune.streaming.StreamedLayers`, that source's ``model``, whose decoder layers
+        hold weights only while open.
       calib_chunks: calibration token chunks ``(b, t)``.
       heldout_chunks: held-out token chunks for the per-layer attention error (may be empty).
       cfg: the run's settings.
       store: optional ``jaxprune.resume.LayerStore``: every pruned layer is saved there as it
         finishes, and the layers it already holds are restored instead of pruned again (their
         outputs are recomputed, so the remaining layers see the bits of an uninterrupted run).
+      layers: where each decoder layer comes from (default: ``model``'s own,
+        :class:`jaxprune.layerwise.ModelLayers`); each is opened when its turn comes and closed
+        when the next layer's inputs are computed.
+      keep_masks: return every layer's masks; without, each layer's masks leave memory once
+        ``store`` holds them (the report keeps their sparsity).
 
     Returns:
-      ``{"masks": {layer: {name: bool array}}, "layers": [per-layer facts], "seconds": ...,
-      "resumed_layers": [restored layer indices]}``.
+      ``{"masks": {layer: {name: bool array}}, "sparsity": {"layer.name": pruned fraction},
+      "layers": [per-layer facts], "seconds": ..., "resumed_layers": [restored layer
+      indices]}``.
     """
     c = model.config
+    layers = layers if layers is not None else layerwise.ModelLayers(model)
     method = registry.get(cfg.method)
     if not method.prunes:
-        return {"masks": {}, "layers": [], "seconds": 0.0, **_peak_memory_bytes()}
+        return {"masks": {}, "sparsity": {}, "layers": [], "seconds": 0.0, **_peak_memory_bytes()}
+    if cfg.calibration.layer_inputs == "dense" and not layers.in_memory:
+        raise ModelError(
+            "calibration.layer_inputs=dense calibrates every layer at once, which needs the whole "
+            "model in memory; use layer_inputs sequential, or stream false."
+        )
     request = request_for(cfg)
     options = request.options_of(method)
     targets = request.targets
     start = time.perf_counter()
-    hs = layerwise.embed_chunks(model, calib_chunks)
-    held = layerwise.embed_chunks(model, heldout_chunks)
+    hs = layers.embed(calib_chunks)
+    held = layers.embed(heldout_chunks)
     contexts = {}
 
     def context(li, t):
@@ -152,7 +168,7 @@ def prune_model(
         attention_inputs=method.attention_inputs(options),
         longest=max(h.shape[1] for h in hs),
     )
-    masks, layers = {}, []
+    masks, facts, sparsity = {}, [], {}
     pruned = [
         li for li in range(c.num_layers) if targets and (cfg.layers is None or li in cfg.layers)
     ]
@@ -179,7 +195,7 @@ def prune_model(
         disable=None if cfg.progress else True,
     )
     for li in bar:
-        layer = model.layers[li]
+        layer = layers.open(li)
         graphdef, state = nnx.split(layer)
         kernels = projection_kernels(layer)
         if li in done:
@@ -188,17 +204,20 @@ def prune_model(
                 "kernels": {n: kernels[n][...] for n in targets},
             }
             masks[li], saved, info = store.restore(li, like)
+            sparsity |= _sparsity(li, masks, keep_masks)
             for name, w in saved.items():
                 kernels[name][...] = jnp.asarray(w)
-            layers.append(info)
+            facts.append(info)
             # Later layers need this layer's outputs unless they are all restored too.
             if all(later in done for later in range(li + 1, c.num_layers)):
+                layers.close(li)
                 continue
             graphdef, state = nnx.split(layer)
             hs = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in hs]
             held = [
                 layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held
             ]
+            layers.close(li)
             continue
         dense_attn = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k", "v", "o")}
         info: dict[str, Any] = {"layer": li}
@@ -229,18 +248,34 @@ def prune_model(
             )
         if store is not None and li in pruned:
             store.save(li, masks[li], {n: kernels[n][...] for n in targets}, info)
+        if li in pruned:
+            sparsity |= _sparsity(li, masks, keep_masks or store is None)
         hs = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in hs]
         held = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held]
-        layers.append(info)
+        facts.append(info)
+        layers.close(li)
+        # Drop this layer's arrays before the next one is opened (a streamed layer's weights
+        # would otherwise live beside the next one's).
+        layer = graphdef = state = kernels = dense_attn = result = None
     bar.close()
     jax.block_until_ready(hs)
     return {
         "masks": masks,
-        "layers": layers,
+        "sparsity": sparsity,
+        "layers": facts,
         "seconds": time.perf_counter() - start,
         "resumed_layers": sorted(done),
         **_peak_memory_bytes(),
     }
+
+
+def _sparsity(li: int, masks: dict, keep: bool) -> dict[str, float]:
+    """The pruned fraction of each of layer ``li``'s masks (``{"li.name": fraction}``); the
+    masks leave ``masks`` unless ``keep``."""
+    out = {f"{li}.{k}": float(1.0 - np.mean(np.asarray(v))) for k, v in masks[li].items()}
+    if not keep:
+        del masks[li]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

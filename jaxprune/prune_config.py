@@ -100,6 +100,13 @@ class RunConfig:
     out: str = "runs/prune"
     # Save the pruned parameters with orbax (masks are always saved).
     save_params: bool = True
+    # Prune one decoder layer at a time from disk, never holding the whole model (the pruned
+    # layers go to the run folder's pruned/): true, false, or auto (stream when the model's
+    # float32 parameters exceed stream_threshold_gib).
+    stream: bool | str = field(default="auto", metadata={"choices": ("auto", True, False)})
+    # GiB of float32 parameters above which stream auto streams (8: a 2-billion-parameter model,
+    # whose in-memory load peaks near twice that).
+    stream_threshold_gib: float = field(default=8.0, metadata={"range": (0.0, None)})
     # Show progress bars.
     progress: bool = True
     # Sections (their flags are dotted: --calibration.samples, --softmax.lam).

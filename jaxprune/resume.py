@@ -26,8 +26,9 @@ from jaxprune.prune_config import flat_settings
 
 RUN_FILE = "run.json"
 LAYERS_DIR = "layers"
-# Settings that do not change what a run computes.
-_NOT_FINGERPRINTED = ("progress", "out")
+# Settings that do not change what a run computes (a streaming run computes the same bits as one
+# in memory; a resumed run goes on in the mode its folder shows).
+_NOT_FINGERPRINTED = ("progress", "out", "stream", "stream_threshold_gib")
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:

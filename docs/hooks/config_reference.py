@@ -62,7 +62,9 @@ def allowed_text(f: dataclasses.Field) -> str:
     """The values a field takes, from its ``choices``/``range``/``nonempty`` metadata."""
     parts = []
     if "choices" in f.metadata:
-        parts.append("one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]))
+        # As YAML and the flags write them (true, not True).
+        shown = [str(c).lower() if isinstance(c, bool) else c for c in f.metadata["choices"]]
+        parts.append("one of " + ", ".join(f"`{c}`" for c in shown))
     if "range" in f.metadata:
         lo, hi = f.metadata["range"]
         left = "(-∞" if lo is None else f"[{lo}"

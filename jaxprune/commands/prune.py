@@ -27,7 +27,9 @@ def flag(key: str) -> str:
 
 def _metavar(field: dataclasses.Field, hint) -> str:
     if "choices" in field.metadata:
-        return "{" + ",".join(map(str, field.metadata["choices"])) + "}"
+        from jaxprune.config import yaml_text
+
+        return "{" + ",".join(map(yaml_text, field.metadata["choices"])) + "}"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         hint = args[0]

@@ -650,17 +650,42 @@ def _config_fields(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
     )
 
 
-def _hf_tensors(
-    reader: gguf.GGUFReader, fields: dict[str, Any], path: Path, arch: str = "llama"
-) -> dict[str, np.ndarray]:
-    """Dequantizes every tensor to float32 under its Hugging Face name, in PyTorch layout.
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file under its Hugging Face name, not yet dequantized."""
 
-    Every unknown name, missing tensor, wrong shape and unsupported type is collected and
-    reported in one GGUFError.
+    # The reader's tensor (its data memory-maps the file).
+    tensor: Any
+    # Hugging Face name.
+    name: str
+    # Shape in PyTorch layout, from the metadata.
+    shape: tuple[int, ...]
+    # How to undo llama.cpp's conversion ("q", "k", "norm" or None).
+    fix: str | None
+
+
+def tensor_table(
+    reader: gguf.GGUFReader, fields: dict[str, Any], path: Path, arch: str = "llama"
+) -> dict[str, GGUFTensor]:
+    """Every tensor of the file under its Hugging Face name, checked against the metadata but
+    not dequantized (a lazy reader dequantizes each when it is asked for).
+
+    Raises:
+      GGUFError: every unknown name, missing tensor and wrong shape, in one message.
     """
+    table, problems = _table(reader, fields, arch)
+    _raise_problems(path, problems, _ARCHS[arch].family)
+    return table
+
+
+def _table(
+    reader: gguf.GGUFReader, fields: dict[str, Any], arch: str
+) -> tuple[dict[str, GGUFTensor], list[str]]:
+    """The tensors that fit the metadata, by Hugging Face name, and the problems of the rest
+    (unknown names, layers beyond the block count, wrong shapes, missing tensors)."""
     spec = _ARCHS[arch]
     problems: list[str] = []
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, GGUFTensor] = {}
     seen: set[str] = set()  # names found in the file, loadable or not
     for t in reader.tensors:
         rule = _rule(t.name, spec.rules)
@@ -683,39 +708,67 @@ def _hf_tensors(
                 f"{t.name} ({hf_name}): shape {stored}, expected {expected} from the metadata"
             )
             continue
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            problems.append(
-                f"{t.name}: quantization type {t.tensor_type.name} cannot be "
-                f"dequantized by gguf {_gguf_version()}; upgrade the gguf package"
-            )
-            continue
-        if w.size != int(np.prod(expected)):
-            problems.append(f"{t.name} ({hf_name}): dequantized to {w.shape}, expected {expected}")
-            continue
-        # np.array copies: F32 tensors come back as views of the memory-mapped file.
-        w = np.array(w, dtype=np.float32).reshape(expected)
-        if perm == "q":
-            w = unpermute_rope_rows(w, fields["num_heads"])
-        elif perm == "k":
-            w = unpermute_rope_rows(w, fields["num_kv_heads"])
-        elif perm == "norm":
-            # llama.cpp stores Gemma's effective multiplier 1 + w; the model keeps w.
-            w = w - np.float32(1.0)
-        out[hf_name] = w
+        out[hf_name] = GGUFTensor(t, hf_name, expected, perm)
 
     wanted = ["model.embed_tokens.weight", "model.norm.weight"]
     if not fields["tie_embeddings"]:
         wanted.append("lm_head.weight")
     wanted += [n.format(i) for i in range(fields["num_layers"]) for n in spec.per_layer]
     problems += [f"{name}: missing from the file" for name in wanted if name not in seen]
+    return out, problems
+
+
+def dequantize(entry: GGUFTensor, fields: dict[str, Any]) -> np.ndarray | str:
+    """One tensor dequantized to float32 in PyTorch layout with llama.cpp's conversion undone,
+    or the problem that stops it (as text, so callers can collect them)."""
+    t, expected, perm = entry.tensor, entry.shape, entry.fix
+    try:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        return (
+            f"{t.name}: quantization type {t.tensor_type.name} cannot be "
+            f"dequantized by gguf {_gguf_version()}; upgrade the gguf package"
+        )
+    if w.size != int(np.prod(expected)):
+        return f"{t.name} ({entry.name}): dequantized to {w.shape}, expected {expected}"
+    # np.array copies: F32 tensors come back as views of the memory-mapped file.
+    w = np.array(w, dtype=np.float32).reshape(expected)
+    if perm == "q":
+        w = unpermute_rope_rows(w, fields["num_heads"])
+    elif perm == "k":
+        w = unpermute_rope_rows(w, fields["num_kv_heads"])
+    elif perm == "norm":
+        # llama.cpp stores Gemma's effective multiplier 1 + w; the model keeps w.
+        w = w - np.float32(1.0)
+    return w
+
+
+def _raise_problems(path: Path, problems: list[str], family: str) -> None:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise GGUFError(
             f"{path}: {len(problems)} tensor problem(s):\n{lines}\nThe file does not match its "
-            f"own metadata or is not a {spec.family} model; download or convert it again."
+            f"own metadata or is not a {family} model; download or convert it again."
         )
+
+
+def _hf_tensors(
+    reader: gguf.GGUFReader, fields: dict[str, Any], path: Path, arch: str = "llama"
+) -> dict[str, np.ndarray]:
+    """Dequantizes every tensor to float32 under its Hugging Face name, in PyTorch layout.
+
+    Every unknown name, missing tensor, wrong shape and unsupported type is collected and
+    reported in one GGUFError.
+    """
+    table, problems = _table(reader, fields, arch)
+    out: dict[str, np.ndarray] = {}
+    for name, entry in table.items():
+        w = dequantize(entry, fields)
+        if isinstance(w, str):
+            problems.append(w)
+        else:
+            out[name] = w
+    _raise_problems(path, problems, _ARCHS[arch].family)
     return out
 
 
@@ -747,6 +800,34 @@ def read_gguf(
       GGUFError: the file is missing, truncated or corrupt, is not a supported model, or its
         tensors disagree with its metadata (every mismatch listed in one message).
     """
+    head = read_header(path)
+    tensors = _hf_tensors(head.reader, head.fields, Path(path), head.arch)
+    return head.config, tensors, head.tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF file says before any tensor is read."""
+
+    # The family's config (LlamaConfig, Gemma3Config).
+    config: Any
+    # The open reader (its tensors memory-map the file).
+    reader: gguf.GGUFReader
+    # The config fields as read from the metadata (what the shape rules take).
+    fields: dict[str, Any]
+    # general.architecture ("llama", "gemma3").
+    arch: str
+    # The tokenizer rebuilt from the metadata.
+    tokenizer: Tokenizer
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """A GGUF file's config and tokenizer, without reading any tensor's data (list the tensors
+    with :func:`tensor_table`, read each with :func:`dequantize`).
+
+    Raises:
+      GGUFError: as :func:`read_gguf`, for the metadata.
+    """
     path = Path(path)
     reader = _open(path)
     arch = _architecture(reader, path)
@@ -755,7 +836,6 @@ def read_gguf(
         config = _ARCHS[arch].config(**fields)
     except ValueError as err:
         raise GGUFError(f"{path}: the metadata describes an unsupported model: {err}") from err
-    tensors = _hf_tensors(reader, fields, path, arch)
     try:
         tokenizer = tokenizer_from_gguf(reader)
     except ValueError as err:
@@ -765,4 +845,4 @@ def read_gguf(
             f"{path}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
             f"{config.vocab_size}; the file is inconsistent, download or convert it again."
         )
-    return config, tensors, tokenizer
+    return GGUFHeader(config, reader, fields, arch, tokenizer)

@@ -44,11 +44,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         return safetensors.numpy.load_file(path)
     except (safetensors.SafetensorError, OSError, ValueError) as err:
-        size = path.stat().st_size if path.exists() else 0
-        raise WeightFileError(
-            f"cannot read safetensors file {path} ({size} bytes): {err}. The file is truncated "
-            "or corrupt; download or write it again."
-        ) from err
+        raise _damaged(path, err) from err
 
 
 def _model_type(hf_config: dict, config_path: Path) -> str:
@@ -84,6 +80,21 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
       (bfloat16 arrives as ``ml_dtypes.bfloat16``).
     """
     folder = Path(path)
+    config = read_hf_config(folder)
+    files = weight_files(folder)
+    tensors = {}
+    for shard in sorted(set(files.values())):
+        tensors.update(_read_safetensors(folder / shard))
+    return config, tensors
+
+
+def read_hf_config(folder: Path):
+    """The family's config (:class:`LlamaConfig`, ``Gemma3Config``, ...) from a Hugging Face
+    folder's ``config.json``.
+
+    Raises:
+      WeightFileError: no or unreadable ``config.json``, or a family jaxprune lacks.
+    """
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightFileError(f"{folder} has no config.json; it is no Hugging Face model folder.")
@@ -95,12 +106,24 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
         raise WeightFileError(f"{config_path} holds no JSON object; it is no model config.")
     model_type = _model_type(hf_config, config_path)
     try:
-        config = config_class(model_type).from_hf_config(hf_config)
+        return config_class(model_type).from_hf_config(hf_config)
     except (ValueError, TypeError, KeyError) as err:
         raise WeightFileError(f"{config_path}: {err}") from err
 
+
+def weight_files(folder: Path) -> dict[str, str]:
+    """Which safetensors file of a Hugging Face folder holds each tensor, from the files'
+    headers and the index (no tensor data is read).
+
+    Returns:
+      Tensor name -> file name inside ``folder``.
+
+    Raises:
+      WeightFileError: no weights, a damaged index or header, a shard the index names that is
+        absent, or a tensor the index lists that no shard holds.
+    """
     if (folder / SINGLE_FILE).is_file():
-        return config, _read_safetensors(folder / SINGLE_FILE)
+        return dict.fromkeys(_tensor_names(folder / SINGLE_FILE), SINGLE_FILE)
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         raise WeightFileError(
@@ -117,15 +140,53 @@ def read_hf_folder(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]
     absent = [s for s in shards if not (folder / s).is_file()]
     if absent:
         raise WeightFileError(f"{index_path} names shards that are not in {folder}: {absent}")
-    tensors = {}
+    files = {}
     for shard in shards:
-        tensors.update(_read_safetensors(folder / shard))
-    unlisted = sorted(set(weight_map) - set(tensors))
+        files.update(dict.fromkeys(_tensor_names(folder / shard), shard))
+    unlisted = sorted(set(weight_map) - set(files))
     if unlisted:
         raise WeightFileError(
             f"{index_path} lists tensors that no shard contains (first few: {unlisted[:5]})."
         )
-    return config, tensors
+    return files
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header."""
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from err
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header (no data is read)."""
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            keys = f.keys()  # a safe_open handle is not iterable
+            return {name: tuple(f.get_slice(name).get_shape()) for name in keys}
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from err
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Some tensors of one safetensors file, in the dtype it stores, read one at a time from the
+    memory-mapped file (the mapping is closed on return, so the pages it touched leave the
+    process's resident memory)."""
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from err
+
+
+def _damaged(path: Path, err: BaseException) -> WeightFileError:
+    size = path.stat().st_size if path.exists() else 0
+    return WeightFileError(
+        f"cannot read safetensors file {path} ({size} bytes): {err}. The file is truncated "
+        "or corrupt; download or write it again."
+    )
 
 
 def write_hf_folder(

@@ -171,3 +171,18 @@ def tensors_from_model(model: Llama) -> dict[str, np.ndarray]:
         name, fn = hit
         tensors[name] = np.ascontiguousarray(fn(np.asarray(var[...])))
     return tensors
+
+
+def hf_name(model_cls: type, key: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
+    """The Hugging Face name of one model parameter and the layout transform between the two.
+
+    Args:
+      model_cls: the family's model class (:class:`Llama`, ``Gemma3``, ...).
+      key: the parameter's dotted state path, such as ``layers.3.self_attn.q_proj.kernel``.
+
+    Returns:
+      ``(name, transform)``: ``model.layers.3.self_attn.q_proj.weight`` and the transform (a
+      transpose or the identity, its own inverse) that turns either layout into the other; or
+      ``None`` when the table has no such parameter.
+    """
+    return _translate(key, _rules(model_cls)[1])

@@ -150,7 +150,8 @@ def _fetch_from_hub(repo_id: str) -> Path:
     return Path(folder)
 
 
-def _tokenizer_of(folder: Path):
+def tokenizer_of(folder: Path):
+    """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, or ``None`` without one."""
     file = folder / "tokenizer.json"
     if not file.is_file():
         return None
@@ -185,7 +186,7 @@ def check_finite(tensors: dict[str, np.ndarray], source: Path) -> None:
         )
 
 
-def _with_window_bos(config, tokenizer):
+def with_window_bos(config, tokenizer):
     """The tokenizer, marked with the BOS its family puts in front of every evaluation and
     calibration window (Gemma: ``config.window_bos``), so :mod:`jaxprune.data` builds them."""
     bos = getattr(config, "window_bos", None)
@@ -199,13 +200,13 @@ def _from_gguf(path: Path, dtype) -> tuple[Llama, object]:
 
     config, tensors, tokenizer = read_gguf(path)
     check_finite(tensors, path)
-    return model_from_tensors(config, tensors, dtype), _with_window_bos(config, tokenizer)
+    return model_from_tensors(config, tensors, dtype), with_window_bos(config, tokenizer)
 
 
 def _from_folder(folder: Path, dtype) -> tuple[Llama, object]:
     config, tensors = read_hf_folder(folder)
     check_finite(tensors, folder)
-    tokenizer = _with_window_bos(config, _tokenizer_of(folder))
+    tokenizer = with_window_bos(config, tokenizer_of(folder))
     return model_from_tensors(config, tensors, dtype), tokenizer
 
 
@@ -226,10 +227,21 @@ def load_model(spec: str, dtype=jnp.float32) -> tuple[Llama, object]:
       :class:`~jaxprune.tokenizer.BosTokenizer`), or ``None`` when the source has no
       ``tokenizer.json``.
     """
+    path = locate(spec)
+    return _from_gguf(path, dtype) if path.is_file() else _from_folder(path, dtype)
+
+
+def locate(spec: str) -> Path:
+    """The local ``.gguf`` file or Hugging Face folder that a model spec names (as
+    :func:`load_model` takes it), fetched into its cache first for a named model or a hub id.
+
+    Raises:
+      ModelNotFoundError: the spec names nothing that exists or can be fetched.
+    """
     if spec.lower() in NAMED_MODELS:
         from jaxprune.loaders.gguf import fetch_default_model
 
-        return _from_gguf(Path(fetch_default_model(name=spec.lower())), dtype)
+        return Path(fetch_default_model(name=spec.lower()))
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -237,9 +249,9 @@ def load_model(spec: str, dtype=jnp.float32) -> tuple[Llama, object]:
                 f"{path} is a file but not a .gguf file; pass a .gguf file or the Hugging Face "
                 "folder that holds config.json and the safetensors weights."
             )
-        return _from_gguf(path, dtype)
+        return path
     if path.is_dir():
-        return _from_folder(path, dtype)
+        return path
     looks_local = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf")
     if looks_local or not _HUB_ID.fullmatch(spec):
         raise ModelNotFoundError(
@@ -247,4 +259,4 @@ def load_model(spec: str, dtype=jnp.float32) -> tuple[Llama, object]:
             f"{DEFAULT_MODEL!r}, another named model {list(NAMED_MODELS[1:])} or a hub id of the "
             "form 'owner/name'."
         )
-    return _from_folder(_fetch_from_hub(spec), dtype)
+    return _fetch_from_hub(spec)
