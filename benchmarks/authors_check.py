@@ -4,13 +4,17 @@ Runs the pruning code of the authors' repository, unchanged, on the same model (
 weights written as a transformers folder), the same calibration windows and the same targets as
 a finished jaxprune run, evaluates the result in PyTorch on the run's own windows, and prints
 both perplexities, their ratio and the paired bootstrap interval of the difference
-(:func:`jaxprune.compare.paired_bootstrap`). Methods and repositories: ``wanda``
+(:func:`jaxprune.compare.paired_bootstrap`), and how often our saved masks and the authors'
+nonzeros agree, per layer (layer 0 sees the same inputs in both runs, so it compares the rules;
+later layers also carry the earlier layers' differences). Methods and repositories: ``wanda``
 (locuslab/wanda), ``sparsegpt`` (IST-DASLab/sparsegpt), ``admm`` (fmfi-compbio/admm-pruning),
 ``alps`` (mazumder-lab/ALPS), ``d2prune`` (cquxl/D2Prune).
 
     git clone https://github.com/fmfi-compbio/admm-pruning /tmp/admm-pruning
     python benchmarks/authors_check.py experiments/results/full/runs/<admm run> \
-        --repo /tmp/admm-pruning
+        --repo /tmp/admm-pruning > result.txt
+
+The authors' progress prints go to stderr, so stdout holds the check's lines only.
 
 How each repository is called, with which arguments, and every adaptation (all outside the
 authors' functions) are in :mod:`authors_adapters`. This script adds one: transformers >= 4.48
@@ -25,8 +29,10 @@ model loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -185,7 +191,9 @@ def main() -> None:
 
     names = {MODULES[t] for t in TARGETS[cfg["targets"]]}
     t = time.perf_counter()
-    notes = prune(model, a.repo, cfg, calib, names)
+    # The authors' progress prints go to stderr, so that stdout holds the check's lines only.
+    with contextlib.redirect_stdout(sys.stderr):
+        notes = prune(model, a.repo, cfg, calib, names)
     prune_s = time.perf_counter() - t
     n_layers = len(model.model.layers)
     print(
