@@ -1,78 +1,63 @@
-"""The authors' check: their own Wanda or SparseGPT code against one of our runs.
+"""The authors' check: their own pruning code against one of our runs.
 
-Runs the pruning function of the authors' repository, unchanged, on the same model (our loaded
+Runs the pruning code of the authors' repository, unchanged, on the same model (our loaded
 weights written as a transformers folder), the same calibration windows and the same targets as
-a committed jaxprune run, evaluates the result in PyTorch on the run's own windows, and prints
+a finished jaxprune run, evaluates the result in PyTorch on the run's own windows, and prints
 both perplexities, their ratio and the paired bootstrap interval of the difference
-(:func:`jaxprune.compare.paired_bootstrap`).
+(:func:`jaxprune.compare.paired_bootstrap`), and how often our saved masks and the authors'
+nonzeros agree, per layer (layer 0 sees the same inputs in both runs, so it compares the rules;
+later layers also carry the earlier layers' differences). Methods and repositories: ``wanda``
+(locuslab/wanda), ``sparsegpt`` (IST-DASLab/sparsegpt), ``admm`` (fmfi-compbio/admm-pruning),
+``alps`` (mazumder-lab/ALPS), ``d2prune`` (cquxl/D2Prune).
 
-    git clone https://github.com/locuslab/wanda /tmp/wanda
-    git clone https://github.com/IST-DASLab/sparsegpt /tmp/sparsegpt
-    python benchmarks/authors_check.py experiments/results/full/runs/<wanda run> --repo /tmp/wanda
-    python benchmarks/authors_check.py experiments/results/full/runs/<sparsegpt run> \
-        --repo /tmp/sparsegpt
+    git clone https://github.com/fmfi-compbio/admm-pruning /tmp/admm-pruning
+    python benchmarks/authors_check.py experiments/results/full/runs/<admm run> \
+        --repo /tmp/admm-pruning > result.txt
 
-What is adapted, and only outside the authors' functions:
-- their data loaders (which download from the hub) return our calibration windows;
-- their ``find_layers`` lists only the run's targets (``qk``, ``attn`` or ``all``);
-- transformers >= 4.48 decoder layers need the rotary ``position_embeddings`` that the authors'
-  layer-by-layer calls do not pass: a wrapper computes them from the positions, as the model
-  does. The script first checks on a real window that these layer-by-layer calls reproduce the
-  model's own hidden states;
-- ``torch.cuda.synchronize`` is a no-op on a CPU-only torch.
-The authors' defaults are kept: Wanda per-output rows (``use_variant`` off), SparseGPT
-``blocksize`` 128, ``percdamp`` 0.01, all targets of a layer from its dense inputs (no
-``--true-sequential``), as in their README's commands.
+The authors' progress prints go to stderr, so stdout holds the check's lines only.
+
+How each repository is called, with which arguments, and every adaptation (all outside the
+authors' functions) are in :mod:`authors_adapters`. This script adds one: transformers >= 4.48
+decoder layers need the rotary ``position_embeddings`` that the authors' layer-by-layer calls do
+not pass, so a wrapper computes them from the positions, as the model does; the script first
+checks on a real window that these layer-by-layer calls reproduce the model's own hidden states.
+A run whose settings the authors' code does not have (another comparison group, non-default
+options that their code hard-codes, the paper protocol, some layers only) is refused before the
+model loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
+from authors_adapters import MARKERS, MODULES, authors_arguments, check_repo, prune
 
 from jaxprune import data
 from jaxprune.compare import paired_bootstrap
-from jaxprune.prune_config import METHOD_GROUPS, TARGETS, flat_settings
-
-# Our target letters -> the Llama module names the authors' find_layers returns.
-MODULES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+from jaxprune.prune_config import TARGETS, flat_settings
 
 
-def _load_run(run_dir: Path) -> dict:
+def _load_run(run_dir: Path) -> tuple[dict, dict]:
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise SystemExit(f"{path} not found: pass the folder of a finished jaxprune run.")
     metrics = json.loads(path.read_text())
     cfg = flat_settings(metrics["config"])
-    method = cfg["method"]
-    if method not in ("wanda", "sparsegpt"):
-        raise SystemExit(f"{run_dir} is a {method!r} run: pass a wanda or sparsegpt run.")
-    group = metrics.get("group") or cfg.get("group") or METHOD_GROUPS[method][0]
-    if group != METHOD_GROUPS[method][0]:
-        raise SystemExit(
-            f"{run_dir} used group={group!r}; the authors' code has only its own grouping "
-            f"({METHOD_GROUPS[method][0]!r}): pass a run with the default group."
-        )
-    if cfg["calibration.protocol"] != "standard":
-        raise SystemExit("only standard-protocol runs are supported (fixed-length windows).")
+    if cfg["method"] not in MARKERS:
+        raise SystemExit(f"{run_dir} is a {cfg['method']!r} run: pass one of {sorted(MARKERS)}.")
+    cfg["group"] = metrics.get("group") or cfg.get("group")
+    try:
+        authors_arguments(cfg, cfg["calibration.samples"] or 32)
+    except ValueError as err:
+        raise SystemExit(f"{run_dir}: {err}") from None
     return metrics, cfg
 
 
@@ -137,75 +122,28 @@ def _torch_model(ours):
     return model
 
 
-@contextlib.contextmanager
-def _patched(module, **attrs):
-    old = {k: getattr(module, k, None) for k in attrs}
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
+def _mask_agreement(run_dir: Path, model, targets) -> dict[int, float]:
+    """Per layer, the fraction of the targets' entries where our run's saved keep-mask and the
+    authors' nonzeros agree (empty where the run saved no masks). Layer 0 sees the same inputs
+    in both runs, so it tells the rules apart; later layers also carry earlier differences."""
+    path = (run_dir / "masks").absolute()
+    if not path.is_dir():
+        return {}
+    import orbax.checkpoint as ocp
 
-
-def _only_targets(find_layers, names):
-    def find(module, *args, **kwargs):
-        found = find_layers(module, *args, **kwargs)
-        return {n: m for n, m in found.items() if n in names}
-
-    return find
-
-
-def _prune_with_authors(model, repo: Path, method: str, cfg: dict, calib: np.ndarray) -> None:
-    import torch
-
-    names = {MODULES[t] for t in TARGETS[cfg["targets"]]}
-    n, m = (0, 0)
-    if cfg["pattern"] != "unstructured":
-        n, m = (int(v) for v in cfg["pattern"].split(":"))
-    loader = [(torch.tensor(w[None], dtype=torch.long), None) for w in calib]
-    sys.path.insert(0, str(repo))
-    # Their data modules import `datasets` at the top; nothing of it is used here, so a stand-in
-    # serves where it is not installed.
-    if importlib.util.find_spec("datasets") is None:
-        stub = sys.modules.setdefault("datasets", types.ModuleType("datasets"))
-        stub.load_dataset = None
-    with _patched(torch.cuda, synchronize=lambda *a, **k: None):
-        if method == "wanda":
-            import lib.prune as authors
-
-            args = argparse.Namespace(
-                nsamples=len(calib), seed=0, sparsity_ratio=cfg["sparsity"], use_variant=False
-            )
-            with _patched(
-                authors,
-                get_loaders=lambda *a, **k: (loader, None),
-                find_layers=_only_targets(authors.find_layers, names),
-            ):
-                authors.prune_wanda(args, model, None, torch.device("cpu"), n, m)
-        else:
-            import llama as authors
-
-            args = argparse.Namespace(
-                nsamples=len(calib),
-                sparsity=cfg["sparsity"],
-                prunen=n,
-                prunem=m,
-                percdamp=cfg.get("sparsegpt.percdamp", 0.01),
-                blocksize=cfg.get("sparsegpt.blocksize", 128),
-                true_sequential=False,
-                minlayer=-1,
-                maxlayer=1000,
-                prune_only="",
-                invert=False,
-                wbits=16,
-                gmp=False,
-            )
-            with _patched(
-                authors, args=args, find_layers=_only_targets(authors.find_layers, names)
-            ):
-                authors.llama_sequential(model, loader, torch.device("cpu"))
+    ours = ocp.StandardCheckpointer().restore(path)
+    agreement = {}
+    for i, layer in enumerate(model.model.layers):
+        masks = ours.get(str(i), {})
+        same = total = 0
+        for t in targets:
+            if t in masks:
+                theirs = layer.get_submodule(MODULES[t]).weight.detach().numpy().T != 0
+                same += int((theirs == masks[t]).sum())
+                total += theirs.size
+        if total:
+            agreement[i] = same / total
+    return agreement
 
 
 def _window_nll(model, windows: np.ndarray) -> tuple[list[float], list[int]]:
@@ -224,16 +162,14 @@ def _window_nll(model, windows: np.ndarray) -> tuple[list[float], list[int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="a finished jaxprune wanda or sparsegpt run folder")
+    p.add_argument("run", type=Path, help=f"a finished jaxprune run of {', '.join(MARKERS)}")
     p.add_argument("--repo", type=Path, required=True, help="checkout of the authors' repository")
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     a = p.parse_args()
 
     metrics, cfg = _load_run(a.run)
     method = cfg["method"]
-    expected = "lib/prune.py" if method == "wanda" else "llama.py"
-    if not (a.repo / expected).is_file():
-        raise SystemExit(f"{a.repo} has no {expected}: pass a checkout of the {method} repository.")
+    check_repo(a.repo, method)
 
     from jaxprune.loaders.resolve import load_model
 
@@ -253,13 +189,32 @@ def main() -> None:
     if gap > 1e-4:
         raise SystemExit("the authors' layer calls do not reproduce the model; stopping.")
 
+    names = {MODULES[t] for t in TARGETS[cfg["targets"]]}
     t = time.perf_counter()
-    _prune_with_authors(model, a.repo, method, cfg, calib)
+    # The authors' progress prints go to stderr, so that stdout holds the check's lines only.
+    with contextlib.redirect_stdout(sys.stderr):
+        notes = prune(model, a.repo, cfg, calib, names)
     prune_s = time.perf_counter() - t
-    print(f"authors' {method} on {cfg['targets']} at {cfg['pattern']}: {prune_s:.0f} s")
+    n_layers = len(model.model.layers)
+    print(
+        f"authors' {method} on {cfg['targets']} at {cfg['pattern']}: {prune_s:.0f} s "
+        f"({prune_s / n_layers:.1f} s per layer; ours: {metrics['prune_seconds']:.0f} s)"
+    )
+    for note in notes:
+        print(f"note: {note}")
+    agreement = _mask_agreement(a.run, model, TARGETS[cfg["targets"]])
+    if agreement:
+        worst = min(agreement, key=agreement.get)
+        mean = sum(agreement.values()) / len(agreement)
+        print(
+            f"masks, ours against the authors' nonzeros: {100 * mean:.2f}% of entries agree "
+            f"(layer 0: {100 * agreement.get(0, math.nan):.2f}%, lowest: layer {worst} "
+            f"{100 * agreement[worst]:.2f}%)"
+        )
 
     result = {"run": str(a.run), "method": method, "targets": cfg["targets"]}
-    result |= {"pattern": cfg["pattern"], "prune_seconds": prune_s, "sets": {}}
+    result |= {"pattern": cfg["pattern"], "prune_seconds": prune_s, "notes": notes}
+    result |= {"mask_agreement": agreement, "sets": {}}
     for name in cfg["eval.data"]:
         windows = data.eval_windows(
             tokenizer, name, cfg["eval.windows"], cfg["eval.seq_len"], cfg["data_dir"]
