@@ -312,14 +312,15 @@ def _loader(calib: np.ndarray):
     return [(torch.tensor(w[None], dtype=torch.long), None) for w in calib]
 
 
-def _wanda(model, args: dict, calib: np.ndarray, names: set[str]) -> None:
+def _lib_prune(model, ns, calib: np.ndarray, names: set[str], function: str) -> None:
+    """Calls ``lib/prune.py``'s ``function(args, model, tokenizer, device, prune_n, prune_m)``,
+    the driver shape of locuslab/wanda and of the ADMM repository built on it, with our
+    calibration windows as their loader and only the run's targets as their layers."""
     import torch
 
     _stand_in("datasets", load_dataset=_unused("datasets.load_dataset"))
     import lib.prune as authors
 
-    ns = argparse.Namespace(nsamples=len(calib), seed=0, **args)
-    n, m = ns.prune_n, ns.prune_m
     loader = _loader(calib)
     with (
         _no_cuda_sync(),
@@ -329,7 +330,12 @@ def _wanda(model, args: dict, calib: np.ndarray, names: set[str]) -> None:
             find_layers=_only_targets(authors.find_layers, names),
         ),
     ):
-        authors.prune_wanda(ns, model, None, torch.device("cpu"), n, m)
+        getattr(authors, function)(ns, model, None, torch.device("cpu"), ns.prune_n, ns.prune_m)
+
+
+def _wanda(model, args: dict, calib: np.ndarray, names: set[str]) -> None:
+    ns = argparse.Namespace(nsamples=len(calib), seed=0, **args)
+    _lib_prune(model, ns, calib, names, "prune_wanda")
 
 
 def _sparsegpt(model, args: dict, calib: np.ndarray, names: set[str]) -> None:
@@ -355,22 +361,8 @@ def _sparsegpt(model, args: dict, calib: np.ndarray, names: set[str]) -> None:
 
 
 def _admm(model, args: dict, calib: np.ndarray, names: set[str]) -> None:
-    import torch
-
-    _stand_in("datasets", load_dataset=_unused("datasets.load_dataset"))
-    import lib.prune as authors
-
     ns = argparse.Namespace(nsamples=len(calib), seed=0, prune_method="admm", **args)
-    loader = _loader(calib)
-    with (
-        _no_cuda_sync(),
-        _patched(
-            authors,
-            get_loaders=lambda *a, **k: (loader, None),
-            find_layers=_only_targets(authors.find_layers, names),
-        ),
-    ):
-        authors.prune_admm(ns, model, None, torch.device("cpu"), ns.prune_n, ns.prune_m)
+    _lib_prune(model, ns, calib, names, "prune_admm")
 
 
 def _alps(model, args: dict, calib: np.ndarray, names: set[str]) -> None:

@@ -37,7 +37,7 @@ from jaxprune.loaders import hf
 from jaxprune.loaders.lazy import LazyWeights
 from jaxprune.loaders.params import WeightLoadError, hf_name
 from jaxprune.models import model_class
-from jaxprune.models.llama import NLL_CHUNK, projection_kernels
+from jaxprune.models.llama import head_nll, projection_kernels
 from jaxprune.resume import fingerprint
 
 # The folder of a streaming run that holds its pruned layers.
@@ -206,15 +206,7 @@ class StreamedLayers:
 def _head_nll(graphdef, state, h, tokens):
     """The final norm and head on the last layer's outputs ``h (b, t, d)``: next-token NLLs
     ``(b, t-1)`` of ``tokens (b, t)``, chunked over tokens as the model's own NLL is."""
-    model = nnx.merge(graphdef, state)
-    h, targets = h[:, :-1], tokens[:, 1:]
-    out = []
-    for start in range(0, h.shape[1], NLL_CHUNK):
-        logits = model.head(h[:, start : start + NLL_CHUNK]).astype(jnp.float32)
-        tgt = targets[:, start : start + NLL_CHUNK, None]
-        picked = jnp.take_along_axis(logits, tgt, axis=-1)[..., 0]
-        out.append(jax.nn.logsumexp(logits, axis=-1) - picked)
-    return jnp.concatenate(out, axis=1)
+    return head_nll(nnx.merge(graphdef, state), h, tokens)
 
 
 def write_hf_folder(source: StreamedLayers, folder: Path, tokenizer=None) -> Path:

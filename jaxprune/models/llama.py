@@ -520,10 +520,15 @@ def projection_kernels(layer: DecoderLayer) -> dict[str, nnx.Param]:
 
 
 def _token_nll(model: Llama, tokens: Int[Array, "b t"]) -> Float[Array, "b t-1"]:
-    h = model.hidden(tokens)[:, :-1]
-    targets = tokens[:, 1:]
+    return head_nll(model, model.hidden(tokens), tokens)
+
+
+def head_nll(model, h: Float[Array, "b t d"], tokens: Int[Array, "b t"]) -> Float[Array, "b t-1"]:
+    """Next-token NLLs ``(b, t-1)`` of ``tokens`` from the residual stream ``h`` after the last
+    layer: the model's final norm and head, in chunks of tokens, so (chunk, vocab) logits exist
+    at a time instead of (t, vocab)."""
+    h, targets = h[:, :-1], tokens[:, 1:]
     out = []
-    # The head in chunks of tokens: (chunk, vocab) logits at a time instead of (t, vocab).
     for start in range(0, h.shape[1], NLL_CHUNK):
         logits = model.head(h[:, start : start + NLL_CHUNK]).astype(jnp.float32)
         tgt = targets[:, start : start + NLL_CHUNK, None]

@@ -20,7 +20,7 @@ from jaxprune.models.llama import logits_fn as logits_fn
 from jaxprune.models.llama import make_forward as make_forward
 from jaxprune.models.llama import projection_kernels as projection_kernels
 from jaxprune.models.llama import token_nll as token_nll
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, check_window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +36,7 @@ class MistralConfig(LlamaConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        window = self.sliding_window
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 1
-        ):
-            raise ValueError(
-                f"MistralConfig.sliding_window must be a positive int or None, got {window!r}."
-            )
+        check_window(type(self).__name__, self.sliding_window)
 
     def attention_spec(self, layer: int) -> AttentionSpec:
         """Llama's attention spec with the window (the same in every layer)."""

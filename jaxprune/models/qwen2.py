@@ -23,7 +23,7 @@ from jaxprune.models.llama import logits_fn as logits_fn
 from jaxprune.models.llama import make_forward as make_forward
 from jaxprune.models.llama import projection_kernels as projection_kernels
 from jaxprune.models.llama import token_nll as token_nll
-from jaxprune.models.spec import AttentionSpec
+from jaxprune.models.spec import AttentionSpec, check_window
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -47,13 +47,7 @@ class Qwen2Config(LlamaConfig):
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
-        window = self.sliding_window
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 1
-        ):
-            raise ValueError(
-                f"{name}.sliding_window must be a positive int or None, got {window!r}."
-            )
+        check_window(name, self.sliding_window)
         types = tuple(self.layer_types or (FULL,) * self.num_layers)
         bad = sorted({t for t in types if t not in (SLIDING, FULL)})
         if len(types) != self.num_layers or bad:

@@ -92,3 +92,11 @@ class QKExtras(NamedTuple):
     q_norm: jax.Array | None = None
     # Multiplier of the per-head k RMSNorm (dh,).
     k_norm: jax.Array | None = None
+
+
+def check_window(owner: str, window) -> None:
+    """Raises ``ValueError`` unless a config's ``sliding_window`` is a positive int or None."""
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(f"{owner}.sliding_window must be a positive int or None, got {window!r}.")
