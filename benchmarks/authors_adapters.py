@@ -208,7 +208,8 @@ def authors_arguments(cfg: dict, n_calibration: int) -> tuple[dict, list[str]]:
         args |= {k: cfg.get(f"d2prune.{k}", v) for k, v in (("s", 1500.0), ("r1", 1.0))}
         args["r2"] = cfg.get("d2prune.r2", 0.0)
         args["target_layer_names"] = [] if no_update == "none" else [MODULES[no_update]]
-        sequences = cfg.get("d2prune.sequences", 128)
+        # Runs before the default followed the calibration count stored 128 explicitly.
+        sequences = cfg.get("d2prune.sequences") or n_calibration
         if sequences != n_calibration:
             notes.append(
                 f"d2prune.sequences={sequences} but {n_calibration} calibration windows: the "

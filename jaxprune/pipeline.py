@@ -148,7 +148,7 @@ def prune_model(
             "calibration.layer_inputs=dense calibrates every layer at once, which needs the whole "
             "model in memory; use layer_inputs sequential, or stream false."
         )
-    request = request_for(cfg)
+    request = request_for(cfg).replace(calibration_sequences=sum(len(c) for c in calib_chunks))
     options = request.options_of(method)
     targets = request.targets
     start = time.perf_counter()

@@ -99,7 +99,11 @@ def test_d2prune_takes_the_scripts_flags_and_notes_a_sequence_count_mismatch():
         "r2": 0.0,
         "target_layer_names": ["self_attn.k_proj"],
     }
-    # Our default evaluates their accumulators at 128 sequences; their code sums 32 windows.
+    # Our default evaluates their accumulators at the run's calibration count, as theirs does.
+    assert notes == []
+    # A run at another count (as the default was before: 128) is noted as not like for like.
+    settings = {"d2prune.no_update": "k", "d2prune.sequences": 128}
+    args, notes = adapters.authors_arguments(cfg("d2prune", **settings), 32)
     assert len(notes) == 1 and "d2prune.sequences=128" in notes[0]
     settings = {"d2prune.no_update": "none", "d2prune.sequences": 32}
     args, notes = adapters.authors_arguments(cfg("d2prune", **settings), 32)

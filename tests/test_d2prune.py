@@ -336,7 +336,7 @@ def test_zeros_and_counts_for_every_pattern(pattern, group, targets):
     xs = sequences(n_seq=3, length=40, seed=8)
     layer, _ = _layer(xs, seed=8)
     sparsity = None if ":" in pattern else 0.5
-    request = Request(targets, sparsity, pattern, group=group)
+    request = Request(targets, sparsity, pattern, group=group, calibration_sequences=3)
     out = d2prune.prune(layer, request, d2prune.D2PruneConfig(blocksize=16))
     assert set(out.masks) == set(targets)
     for t, keep in out.masks.items():
@@ -410,6 +410,25 @@ def test_kl_choice_never_raises_the_attention_kl_above_the_plain_update(seed, lo
     assert chosen == min(candidates, key=lambda c: candidates[c]["objective"])
     assert kl <= kl_plain * (1 + 1e-6)
     assert (chosen in ("q", "k") and kl < kl_plain * (1 - 1e-2)) == lowers
+
+
+def test_the_sequence_count_defaults_to_the_runs_calibration_sequences():
+    """The authors' accumulators count the windows they are given: without the option, the
+    count is the request's (the pipeline's calibration sequences), not a fixed 128."""
+    xs = sequences(n_seq=4, length=48, equal=True, seed=10)
+    layer, _ = _layer(xs, seed=10)
+    request = Request(targets=("q", "k"), sparsity=0.5, pattern="unstructured")
+    own = d2prune.prune(layer, request.replace(calibration_sequences=4), d2prune.D2PruneConfig(s=S))
+    four = d2prune.prune(layer, request, d2prune.D2PruneConfig(s=S, sequences=4))
+    other = d2prune.prune(layer, request, d2prune.D2PruneConfig(s=S, sequences=128))
+    for t in ("q", "k"):
+        np.testing.assert_array_equal(np.asarray(own.masks[t]), np.asarray(four.masks[t]))
+        np.testing.assert_array_equal(np.asarray(own.weights[t]), np.asarray(four.weights[t]))
+    assert any(
+        not np.array_equal(np.asarray(own.masks[t]), np.asarray(other.masks[t])) for t in "qk"
+    )
+    with pytest.raises(ValueError, match=r"d2prune\.sequences"):
+        d2prune.prune(layer, request, d2prune.D2PruneConfig(s=S))
 
 
 def test_kl_choice_needs_attention_inputs():

@@ -341,3 +341,17 @@ def test_the_committed_magnitude_2_4_row_is_the_first_tie_rule_and_torch_cpu_is_
     assert _reusable(FULL, replace(cfg, magnitude={"ties": "torch-cpu"})) is None
     with pytest.raises(ConfigError, match=r"magnitude.ties='last' is not allowed"):
         replace(cfg, magnitude={"ties": "last"})
+
+
+def test_the_d2prune_run_at_128_sequences_is_not_the_row_of_the_new_default():
+    """The committed D2Prune run evaluated the authors' accumulators at 128 sequences on 32
+    windows; the default now follows the windows, so the row must be measured again, and the
+    old run stays the row of its explicit setting."""
+    from jaxprune.table import _reusable
+
+    cfg = _table().row_configs()["d2prune qk 50%"]
+    assert cfg.d2prune.sequences is None
+    rerun = _reusable(FULL, cfg)
+    assert rerun is None or Path(rerun["run_dir"]).name != "20261206-151155-2"
+    found = _reusable(FULL, replace(cfg, d2prune={"sequences": 128}))
+    assert found is not None and Path(found["run_dir"]).name == "20261206-151155-2"

@@ -41,6 +41,8 @@ class Request:
       progress: show progress bars.
       sections: every registered method's config section by method name, so that a method may
         hand some matrices to another one (:meth:`options_of`).
+      calibration_sequences: the number of calibration sequences the statistics were summed over
+        (``None`` where the caller does not say; set by the pipeline).
     """
 
     targets: tuple[str, ...]
@@ -50,6 +52,7 @@ class Request:
     seed: int = 0
     progress: bool = False
     sections: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    calibration_sequences: int | None = None
 
     @property
     def keep_fraction(self) -> float:

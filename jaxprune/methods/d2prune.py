@@ -47,9 +47,9 @@ Deviations, each an option or a limit of what :class:`~jaxprune.methods.base.Lay
   calibration tokens, not per-sequence norms, and not the number of sequences. The plug-in
   evaluates the authors' accumulators as if every sequence had the same per-feature sums (then
   they are exact: ``x`` and ``y`` from the diagonal of ``H`` and ``w^T H w``) at
-  ``sequences`` sequences, 128 by default (their ``nsamples``, at which ``s`` was tuned; the
-  balance of the two terms of the score moves with ``n``, so set ``sequences`` to the run's
-  ``calibration.samples`` to have what their code would compute on this calibration set). ``H``
+  ``sequences`` sequences, by default the run's own calibration sequences (what their code
+  counts: ``nsamples`` is the number of windows it is given; their scripts give 128, at which
+  ``s`` was tuned, and ``--d2prune.sequences 128`` evaluates the terms at that count). ``H``
   and D2-Wanda's ``||X_i||^2 / n`` are exact either way. The rules themselves
   (:func:`d2_sparsegpt_prune`, :func:`d2_wanda_prune`) take the accumulators explicitly.
 * Output norms ``y`` leave out projection biases (Llama has none; the authors' hook sees them).
@@ -331,9 +331,10 @@ class D2PruneConfig:
     r1: float = 1.0
     # lambda_2, the weight of the second-order term, subtracted as lambda_2 w^2 x^2 (--r2).
     r2: float = 0.0
-    # Calibration sequences the authors' running accumulators are evaluated at (their nsamples,
-    # at which s was tuned; the run's calibration.samples reproduces their code on this data).
-    sequences: int = field(default=128, metadata={"range": (1, 1_000_000)})
+    # Calibration sequences the authors' running accumulators are evaluated at (None: the run's
+    # own calibration sequences, as their code counts the windows it is given; 128 is their
+    # scripts' nsamples, at which s was tuned).
+    sequences: int | None = field(default=None, metadata={"range": (1, 1_000_000)})
     # How the q/k/v projection pruned without weight update is chosen: fixed (no_update, the
     # authors' code) or kl (per layer, the lowest reconstruction error + kl_weight * attention
     # KL among candidates, the paper's Eq. 12).
@@ -367,10 +368,21 @@ _terms_jit = jax.jit(authors_terms, static_argnames=("sequences", "s"))
 _reconstruction_jit = jax.jit(reconstruction_error)
 
 
+def _sequences(request: Request, opts: D2PruneConfig) -> int:
+    """The sequence count of the authors' accumulators: the option, else the run's own."""
+    n = opts.sequences or request.calibration_sequences
+    if n is None:
+        raise ValueError(
+            "method 'd2prune' needs the number of calibration sequences its statistics were "
+            "summed over: set d2prune.sequences, or pass Request(calibration_sequences=...)."
+        )
+    return n
+
+
 def _prune_one(w, stats, request: Request, opts: D2PruneConfig, updated: bool):
     if stats is None:
         raise ValueError("method 'd2prune' needs calibration statistics (see update_stats).")
-    terms = _terms_jit(w, stats, sequences=opts.sequences, s=opts.s)
+    terms = _terms_jit(w, stats, sequences=_sequences(request, opts), s=opts.s)
     kw = dict(sparsity=request.sparsity, pattern=request.pattern, r1=opts.r1, r2=opts.r2)
     if not updated:
         return _wanda_jit(w, terms.sq_mean, terms.x_wanda, terms.y, **kw)
