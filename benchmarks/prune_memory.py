@@ -9,7 +9,7 @@ reports its peak resident memory (``VmHWM`` of ``/proc/self/status``) on exit. T
 each peak against the model's bytes on disk (bfloat16) and in float32 (what a run computes in).
 
     python benchmarks/prune_memory.py [--dir /tmp/jaxprune-prune-memory] [--methods wanda softmax]
-        [--calib 2 256] [--softmax-steps 5]
+        [--calib 2 256] [--softmax-steps 5] [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ def write_data(folder: Path) -> None:
             f.write(json.dumps({"text": text}) + "\n")
 
 
-def run(model: Path, data_dir: Path, out: Path, method: str, stream: bool, a) -> dict:
+def run(model: Path, data_dir: Path, out: Path, method: str, stream: bool, dtype: str, a) -> dict:
     argv = ["prune", "--model", str(model), "--data-dir", str(data_dir), "--out", str(out)]
+    argv += ["--dtype", dtype]
     argv += ["--method", method, "--targets", "qk", "--sparsity", "0.5"]
     argv += ["--calibration.samples", str(a.calib[0]), "--calibration.seq-len", str(a.calib[1])]
     argv += ["--calibration.micro-batch", str(a.calib[0])]
@@ -156,7 +157,7 @@ def run(model: Path, data_dir: Path, out: Path, method: str, stream: bool, a) ->
     )
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        raise SystemExit(f"{method} stream={stream} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{method} {dtype} stream={stream} failed:\n{done.stderr[-3000:]}")
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     peak = json.loads(done.stderr.strip().splitlines()[-1])["peak_rss_bytes"]
     return dict(metrics=metrics, peak=peak, wall=wall)
@@ -178,6 +179,13 @@ def main() -> None:
     p.add_argument("--calib", type=int, nargs=2, default=[2, 256], metavar=("N", "T"))
     p.add_argument("--softmax-steps", type=int, default=5)
     p.add_argument("--modes", nargs="+", default=["stream", "memory"])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="the runs' --dtype (the model's weights and activations)",
+    )
     a = p.parse_args()
 
     model, data_dir = a.dir / "tinyllama-shape-random", a.dir / "data"
@@ -196,27 +204,29 @@ def main() -> None:
         f"{a.softmax_steps} steps; no evaluation; each run a fresh process"
     )
     rows = []
-    for method in a.methods:
-        for mode in a.modes:
-            # The in-memory load holds the bfloat16 tensors, their transposed copies and the
-            # float32 model at once: about 2 x the float32 bytes. Refuse rather than crowd out
-            # other processes of a shared machine.
-            if mode == "memory" and available_bytes() < 2.2 * f32:
-                print(
-                    f"  {method} memory: skipped, {available_bytes() / 2**30:.1f} GiB available "
-                    f"and the in-memory load needs about {2 * f32 / 2**30:.1f} GiB"
-                )
-                continue
-            r = run(model, data_dir, a.dir / "runs", method, mode == "stream", a)
-            rows.append((method, mode, r))
-            print(f"  {method} {mode}: done in {r['wall']:.0f} s", flush=True)
+    for dtype in a.dtypes:
+        for method in a.methods:
+            for mode in a.modes:
+                # The in-memory load holds the bfloat16 tensors, their transposed copies and the
+                # float32 model at once: about 2 x the float32 bytes. Refuse rather than crowd
+                # out other processes of a shared machine.
+                if mode == "memory" and available_bytes() < 2.2 * f32:
+                    print(
+                        f"  {method} {dtype} memory: skipped, {available_bytes() / 2**30:.1f} "
+                        f"GiB available and the in-memory load needs about "
+                        f"{2 * f32 / 2**30:.1f} GiB"
+                    )
+                    continue
+                r = run(model, data_dir, a.dir / "runs", method, mode == "stream", dtype, a)
+                rows.append((method, dtype, mode, r))
+                print(f"  {method} {dtype} {mode}: done in {r['wall']:.0f} s", flush=True)
     print(
-        f"{'method':<9}{'mode':<8}{'peak RSS GiB':>13}{'/ disk':>8}{'/ f32':>7}"
+        f"{'method':<9}{'dtype':<10}{'mode':<8}{'peak RSS GiB':>13}{'/ disk':>8}{'/ f32':>7}"
         f"{'prune s':>9}{'wall s':>8}"
     )
-    for method, mode, r in rows:
+    for method, dtype, mode, r in rows:
         print(
-            f"{method:<9}{mode:<8}{r['peak'] / 2**30:>13.2f}{r['peak'] / disk:>8.2f}"
+            f"{method:<9}{dtype:<10}{mode:<8}{r['peak'] / 2**30:>13.2f}{r['peak'] / disk:>8.2f}"
             f"{r['peak'] / f32:>7.2f}{r['metrics']['prune_seconds']:>9.1f}{r['wall']:>8.1f}"
         )
 

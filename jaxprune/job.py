@@ -28,6 +28,7 @@ from jaxprune.errors import ModelError, OutputError
 from jaxprune.loaders.lazy import open_weights
 from jaxprune.loaders.resolve import load_model, locate
 from jaxprune.methods import registry
+from jaxprune.models import DTYPES
 from jaxprune.perplexity import perplexity
 from jaxprune.pipeline import (
     PruneConfig,
@@ -181,11 +182,11 @@ def run_job(
     weights = open_weights(path)
     stream = _streams(cfg, weights, resume_dir)
     if stream:
-        source = streaming.StreamedLayers(weights)
+        source = streaming.StreamedLayers(weights, dtype=DTYPES[cfg.dtype])
         model, tokenizer = source.model, weights.tokenizer
     else:
         source = None
-        model, tokenizer = load_model(str(path))
+        model, tokenizer = load_model(str(path), dtype=DTYPES[cfg.dtype])
     if tokenizer is None:
         raise ModelError(
             f"model {cfg.model!r} came without a tokenizer; pass a folder with "

@@ -219,7 +219,7 @@ def prune_model(
             ]
             layers.close(li)
             continue
-        dense_attn = {k: jnp.asarray(kernels[k][...]) for k in ("q", "k", "v", "o")}
+        dense_attn = {k: _f32(kernels[k][...]) for k in ("q", "k", "v", "o")}
         info: dict[str, Any] = {"layer": li}
         if li in pruned:
             result = solved.pop(li, None)
@@ -231,18 +231,19 @@ def prune_model(
             info |= result.facts
             masks[li] = dict(result.masks)
             for name, w in result.weights.items():
-                kernels[name][...] = w
+                # Methods return float32; the model keeps its own dtype.
+                kernels[name][...] = jnp.asarray(w, kernels[name][...].dtype)
             graphdef, state = nnx.split(layer)
             info["sparsity"] = {n: float(1.0 - jnp.mean(masks[li][n])) for n in targets}
         if held:
-            now = {k: kernels[k][...] for k in ("q", "k", "v", "o")}
+            now = {k: _f32(kernels[k][...]) for k in ("q", "k", "v", "o")}
             kw = dict(spec=c.attention_spec(li), extras=model.attention_extras(li))
             errs = []
             for h in held:
                 x = layerwise.capture_layer(
                     graphdef, state, h, *context(li, h.shape[1]), ("attn_in",)
                 )["attn_in"]
-                errs.append([float(e) for e in layer_errors(dense_attn, now, x, **kw)])
+                errs.append([float(e) for e in layer_errors(dense_attn, now, _f32(x), **kw)])
             info["heldout_attention_error"], info["heldout_output_error"] = (
                 float(e) for e in np.mean(errs, axis=0)
             )
@@ -307,13 +308,19 @@ def _calibrate(li: int, graphdef, state, hs, calib: _Calibration):
             )
         want = samples - count
         if want > 0 and h.shape[1] >= min(seq_len, calib.longest):
-            take = caps["attn_in"][:want, :seq_len]
+            take = _f32(caps["attn_in"][:want, :seq_len])
             prefixes.append(take)
             count += take.shape[0]
     return stats, (_stack_prefixes(prefixes, seq_len) if prefixes else None)
 
 
 _update_stats = jax.jit(update_stats)
+
+
+def _f32(x) -> jax.Array:
+    """``x`` in float32, the dtype every method computes in (a bfloat16 model's kernels and
+    activations are widened, exactly)."""
+    return jnp.asarray(x, jnp.float32)
 
 
 def _layer_view(model, li: int, calibrated, targets) -> Layer:
@@ -323,7 +330,7 @@ def _layer_view(model, li: int, calibrated, targets) -> Layer:
     kernels = projection_kernels(model.layers[li])
     return Layer(
         index=li,
-        weights={n: jnp.asarray(p[...]) for n, p in kernels.items()},
+        weights={n: _f32(p[...]) for n, p in kernels.items()},
         stats={t: stats[layerwise.INPUT_OF[t]] for t in targets},
         spec=model.config.attention_spec(li),
         attention_inputs=x,

@@ -107,6 +107,9 @@ class RunConfig:
     # GiB of float32 parameters above which stream auto streams (8: a 2-billion-parameter model,
     # whose in-memory load peaks near twice that).
     stream_threshold_gib: float = field(default=8.0, metadata={"range": (0.0, None)})
+    # Dtype of the model's parameters and activations: float32 or bfloat16 (calibration
+    # statistics, the mask solve and the weight updates run in float32 either way).
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     # Show progress bars.
     progress: bool = True
     # Sections (their flags are dotted: --calibration.samples, --softmax.lam).

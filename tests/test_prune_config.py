@@ -355,3 +355,17 @@ def test_the_d2prune_run_at_128_sequences_is_not_the_row_of_the_new_default():
     assert rerun is None or Path(rerun["run_dir"]).name != "20261206-151155-2"
     found = _reusable(FULL, replace(cfg, d2prune={"sequences": 128}))
     assert found is not None and Path(found["run_dir"]).name == "20261206-151155-2"
+
+
+def test_bfloat16_rows_are_their_own_measurements_and_the_float32_rows_stay():
+    """Runs stored before ``dtype`` existed ran in float32: they stay the float32 rows, and never
+    stand for a bfloat16 row."""
+    from jaxprune.table import _reusable
+
+    rows = _table().row_configs()
+    assert rows["dense (bfloat16)"].dtype == "bfloat16" and rows["dense"].dtype == "float32"
+    dense = _reusable(FULL, rows["dense"])
+    assert dense is not None and "dtype" not in dense["config"]
+    for name in ("dense (bfloat16)", "sparsegpt qk 50% (bfloat16)", "softmax qk 50% (bfloat16)"):
+        found = _reusable(FULL, rows[name])
+        assert found is None or found["config"]["dtype"] == "bfloat16"

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax.numpy as jnp
+from jaxprune.models import DTYPES
 
 DATASETS = ("wikitext2", "c4")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _windows_arg(value: str) -> int | None:

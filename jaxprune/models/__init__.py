@@ -15,6 +15,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import jax.numpy as jnp
+
+# The dtypes a model's parameters and activations may take (``--dtype``). Calibration statistics,
+# the mask solves and the weight updates run in float32 whatever the model's dtype.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 # Hugging Face model_type (or GGUF architecture) -> the module of its family.
 FAMILIES = {
     "llama": "jaxprune.models.llama",

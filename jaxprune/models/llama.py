@@ -356,17 +356,18 @@ class Attention(nnx.Module):
 
     def extras(self) -> QKExtras:
         """The arrays beside the kernels that shape q, k and v, as the objective applies them:
-        the q/k/v biases and the q/k norm multipliers, ``None`` where the layer has none."""
+        the q/k/v biases and the q/k norm multipliers in float32, ``None`` where the layer has
+        none."""
 
         def value(param):
-            return None if param is None else param[...]
+            return None if param is None else param[...].astype(jnp.float32)
 
         return QKExtras(
             q_bias=value(self.q_proj.bias),
             k_bias=value(self.k_proj.bias),
             v_bias=value(self.v_proj.bias),
-            q_norm=None if self.q_norm is None else self.q_norm.weight[...],
-            k_norm=None if self.k_norm is None else self.k_norm.weight[...],
+            q_norm=value(self.q_norm and self.q_norm.weight),
+            k_norm=value(self.k_norm and self.k_norm.weight),
         )
 
 
