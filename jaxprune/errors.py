@@ -38,6 +38,10 @@ class OutputError(UserError, OSError):
     """An output folder cannot be used (it holds earlier results, or is not a folder)."""
 
 
+class DistributedError(UserError, ValueError):
+    """The settings of a multi-process run (its environment variables) are incomplete."""
+
+
 class ResumeError(UserError, ValueError):
     """A run folder cannot be resumed with these settings."""
 

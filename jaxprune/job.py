@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from flax import nnx
 
 from jaxprune import data, outputs, results, resume, streaming
 from jaxprune.config import to_dict, yaml_text
-from jaxprune.errors import ModelError, OutputError
+from jaxprune.errors import DistributedError, ModelError, OutputError
 from jaxprune.loaders.lazy import open_weights
 from jaxprune.loaders.resolve import load_model, locate
 from jaxprune.methods import registry
@@ -136,7 +137,12 @@ def save_outputs(run_dir: Path, model, masks: dict, cfg: PruneConfig) -> list[st
         outputs.save_checkpoint(run_dir / "masks", tree, fix)
         written.append("masks/")
     if cfg.save_params and registry.get(cfg.method).prunes:
-        outputs.save_checkpoint(run_dir / "params", nnx.state(model, nnx.Param), fix)
+        params = nnx.state(model, nnx.Param)
+        if jax.process_count() > 1:
+            # Each process holds the whole model on its own device; orbax takes such arrays
+            # across processes only as host arrays.
+            params = jax.tree.map(np.asarray, params)
+        outputs.save_checkpoint(run_dir / "params", params, fix)
         written.append("params/")
     return written
 
@@ -150,6 +156,11 @@ def run_job(
     resume_dir: str | None = None,
 ) -> dict[str, Any]:
     """Runs one pruning job and writes ``metrics.json`` (and checkpoints) into a new run folder.
+
+    With several ``jax.distributed`` processes every process runs the job (the mask solves are
+    split over all of their devices) and process 0 writes the run folder and the export; the
+    others write theirs to a private temporary folder that is removed at the end, and return
+    their metrics with ``run_dir`` ``None``.
 
     Args:
       cfg: the run's settings.
@@ -166,14 +177,37 @@ def run_job(
       UserError, OSError (and the loaders' errors): bad input, found before the work it would
         spoil wherever possible.
     """
-    t0 = time.perf_counter()
     command = command or command_for(cfg) + (
         f" --export-hf {shlex.quote(export_hf)}" if export_hf else ""
     )
+    if jax.process_count() == 1:
+        return _run_job(cfg, export_hf, command, overwrite, resume_dir, cfg.out)
+    if resume_dir is not None:
+        raise DistributedError(
+            f"--resume with {jax.process_count()} processes: resuming is for one process; "
+            "resume the run with one process, or start it again."
+        )
+    if jax.process_index() == 0:
+        return _run_job(cfg, export_hf, command, overwrite, None, cfg.out)
+    with tempfile.TemporaryDirectory(prefix=f"jaxprune-process-{jax.process_index()}-") as tmp:
+        metrics = _run_job(cfg, None, command, overwrite, None, tmp)
+    return metrics | {"run_dir": None, "files": []}
+
+
+def _run_job(
+    cfg: PruneConfig,
+    export_hf: str | None,
+    command: str,
+    overwrite: bool,
+    resume_dir: str | None,
+    out: str,
+) -> dict[str, Any]:
+    """:func:`run_job`, writing into a new run folder under ``out``."""
+    t0 = time.perf_counter()
     config = to_dict(cfg)
     # Before loading anything: data files, output folders, the run to resume.
     data.require_files(needed_data(cfg), cfg.data_dir)
-    _check_out(cfg.out)
+    _check_out(out)
     if export_hf:
         outputs.check_export_dir(export_hf, overwrite)
     if resume_dir is not None:
@@ -181,6 +215,11 @@ def run_job(
     path = locate(cfg.model)
     weights = open_weights(path)
     stream = _streams(cfg, weights, resume_dir)
+    if stream and jax.process_count() > 1:
+        raise DistributedError(
+            f"stream={yaml_text(cfg.stream)} streams {cfg.model} with {jax.process_count()} "
+            "processes: streaming runs in one process; use --stream false (or one process)."
+        )
     if stream:
         source = streaming.StreamedLayers(weights, dtype=DTYPES[cfg.dtype])
         model, tokenizer = source.model, weights.tokenizer
@@ -217,7 +256,7 @@ def run_job(
     sequences = eval_sequences(tokenizer, cfg)
     load_seconds = time.perf_counter() - t0
     if resume_dir is None:
-        run_dir = results.new_run_dir(cfg.out)
+        run_dir = results.new_run_dir(out)
         resume.write_run_file(run_dir, config, command)
     else:
         run_dir = Path(resume_dir)

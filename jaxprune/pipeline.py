@@ -100,7 +100,7 @@ def calibration_chunks(tokens, micro_batch: int) -> list[np.ndarray]:
 
 def _peak_memory_bytes() -> dict[str, int]:
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
     return out

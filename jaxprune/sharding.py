@@ -25,19 +25,46 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxprune.errors import DistributedError
+
 LAYERS, HEADS = "layers", "heads"
 
 
 def maybe_initialize() -> bool:
     """Calls ``jax.distributed.initialize()`` when ``$JAXPRUNE_DISTRIBUTED`` is ``1`` (every
-    process of a multi-host run; JAX reads the coordinator from the cluster's environment).
+    process of a multi-process run).
+
+    On a cluster JAX finds the coordinator, the process count and this process's index itself
+    (SLURM, Open MPI, Kubernetes, Cloud TPU). Elsewhere (several processes on one machine, or
+    hosts started by hand) set ``$JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0, read by
+    JAX), ``$JAXPRUNE_NUM_PROCESSES`` and ``$JAXPRUNE_PROCESS_ID``. On CPUs the processes'
+    collectives go over gloo (JAX's default).
 
     Returns:
       Whether it was called.
+
+    Raises:
+      DistributedError: a process count or index that is not a number, or only one of the
+        two.
     """
     if os.environ.get("JAXPRUNE_DISTRIBUTED", "0") in ("", "0"):
         return False
-    jax.distributed.initialize()
+    given = {
+        key: os.environ.get(name)
+        for key, name in (
+            ("num_processes", "JAXPRUNE_NUM_PROCESSES"),
+            ("process_id", "JAXPRUNE_PROCESS_ID"),
+        )
+    }
+    if any(v is not None for v in given.values()):
+        if not all(v is not None and v.isdigit() for v in given.values()):
+            raise DistributedError(
+                f"JAXPRUNE_NUM_PROCESSES={given['num_processes']!r} and JAXPRUNE_PROCESS_ID="
+                f"{given['process_id']!r}: give both, as whole numbers (the index from 0)."
+            )
+        jax.distributed.initialize(**{k: int(v) for k, v in given.items()})
+    else:
+        jax.distributed.initialize()
     return True
 
 

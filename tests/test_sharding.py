@@ -371,3 +371,141 @@ def test_distributed_hook_runs_before_jax_starts(tmp_path):
     assert np.isfinite(json.loads(proc.stdout.strip().splitlines()[-1])["perplexity"])
     proc = jaxprune(*args, cwd=tmp_path, env={"JAXPRUNE_DISTRIBUTED": "0"}, script=DISTRIBUTED)
     assert proc.returncode == 0 and "initialized" not in proc.stderr
+
+
+TWO_PROCESSES = """
+import json, os, sys
+from jaxprune import sharding
+sharding.maybe_initialize()  # JAXPRUNE_DISTRIBUTED=1, the coordinator and index from the env
+import jax, numpy as np
+from jaxprune.methods import softmax_layers, softmax_solve
+from test_sharding import CFG, SHAPE, args, layer_problem
+seen = []
+for module in (softmax_solve, softmax_layers):
+    solve = module.solve_masks
+    module.solve_masks = lambda f, init, solve=solve, **kw: seen.append(
+        init["q"].sharding) or solve(f, init, **kw)
+problems = [layer_problem(seed) for seed in range(2)]
+heads = softmax_solve.prune_qk_softmax(*problems[0], *args(CFG), **SHAPE)
+layers = softmax_layers.prune_qk_softmax_layers(*zip(*problems), *args(CFG), **SHAPE)
+print(json.dumps(dict(
+    process=jax.process_index(),
+    devices=len(jax.devices()),
+    processes_per_solve=[len({d.process_index for d in s.device_set}) for s in seen],
+    masks=[{k: np.asarray(r[1][k]).astype(int).tolist() for k in "qk"} for r in [heads, *layers]],
+    losses=[r[2]["final_loss"] for r in [heads, *layers]],
+)))
+"""
+
+
+def test_two_processes_give_the_masks_of_one(monkeypatch):
+    """Two local processes joined by ``jax.distributed`` (gloo collectives, one CPU device
+    each): one layer's key/value groups split over the processes, and two independent layers
+    split one per process, give the masks of one device."""
+    import socket
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]),
+        JAXPRUNE_DISTRIBUTED="1",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAXPRUNE_NUM_PROCESSES="2",
+    )
+    for name in ("XLA_FLAGS", "JAXPRUNE_DEVICES"):  # one CPU device per process
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(TWO_PROCESSES)],
+            env=env | {"JAXPRUNE_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    problems = [layer_problem(seed) for seed in range(2)]
+    monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
+    ref = [prune_qk_softmax(w, x, s, *args(CFG), **SHAPE) for w, x, s in problems]
+    ref = [ref[0], *ref]  # the heads split solves problem 0; the layers split solves both
+    assert [g["process"] for g in got] == [0, 1]
+    for g in got:
+        assert g["devices"] == 2
+        # Both solves spanned both processes.
+        assert g["processes_per_solve"] == [2, 2]
+        for r, masks, loss in zip(ref, g["masks"], g["losses"], strict=True):
+            for k in "qk":
+                np.testing.assert_array_equal(np.asarray(masks[k], bool), np.asarray(r[1][k]))
+            assert loss == pytest.approx(r[2]["final_loss"], rel=1e-5)
+
+
+def test_a_half_given_process_layout_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("JAXPRUNE_DISTRIBUTED", "1")
+    monkeypatch.setenv("JAXPRUNE_NUM_PROCESSES", "2")
+    monkeypatch.delenv("JAXPRUNE_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match="JAXPRUNE_PROCESS_ID=None: give both"):
+        sharding.maybe_initialize()
+
+
+@pytest.mark.slow
+def test_the_command_runs_as_two_processes_with_the_masks_of_one(tmp_path):
+    """``jaxprune prune`` as two ``jax.distributed`` processes given the same ``--out``: process
+    0 writes the one run folder, with the masks of a one-process run; the other writes none."""
+    import socket
+
+    import orbax.checkpoint as ocp
+
+    write_tiny_model(tmp_path / "model")
+    write_tiny_data(tmp_path / "data")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    argv = ["prune", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data")]
+    argv += [*TINY_FLAGS, "--method", "softmax", "--targets", "qk", "--json"]
+    one = jaxprune(*argv, "--out", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        JAXPRUNE_DISTRIBUTED="1",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAXPRUNE_NUM_PROCESSES="2",
+    )
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxprune.cli", *argv, "--out", str(tmp_path / "two")],
+            cwd=tmp_path,
+            env=env | {"JAXPRUNE_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+    def masks(stdout):
+        metrics = json.loads(stdout.strip().splitlines()[-1])
+        path = (Path(metrics["run_dir"]) / "masks").absolute()
+        return metrics, ocp.PyTreeCheckpointer().restore(path)
+
+    ref_metrics, ref = masks(one.stdout)
+    metrics, got = masks(outs[0][0])
+    assert metrics["device_count"] == 2
+    assert metrics["measured_sparsity"] == ref_metrics["measured_sparsity"]
+    for li, layer in ref.items():
+        for name, keep in layer.items():
+            np.testing.assert_array_equal(got[li][name], keep)
+    other = json.loads(outs[1][0].strip().splitlines()[-1])
+    assert other["run_dir"] is None and other["perplexity"] == metrics["perplexity"]
+    assert [p.name for p in (tmp_path / "two").iterdir()] == [Path(metrics["run_dir"]).name]

@@ -73,7 +73,7 @@ def layers_per_batch(setup, n_heads: int, row_block: int | None, devices: int) -
     b, n, _ = x.shape
     rows = row_block or (len(setup.query_idx) if setup.query_idx else n)
     per_layer = _PROBS_COPIES * n_heads * b * rows * n * x.dtype.itemsize
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     budget = limit // 2 if limit else _HOST_BUDGET_BYTES
     return max(1, budget // per_layer) * devices
 
