@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; each takes whole test files, so module fixtures load once). The
+# tests mostly compile and run single-threaded, so two processes use a 2-core machine's cores;
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # The docs site, built strictly: a broken link, a missing page or an unresolved API reference fails.
 # (The variable silences Material's banner about MkDocs 2.0.)
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
@@ -34,10 +39,10 @@ table: $(RUNTIME)
 test: $(DEV)
 	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks docs
 	$(MKDOCS)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(DEV)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check jaxprune tests experiments benchmarks docs
