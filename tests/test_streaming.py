@@ -290,3 +290,21 @@ def test_command_streams_resumes_and_matches_the_run_in_memory(tmp_path):
 
 def _names(model_dir):
     return streaming.StreamedLayers(open_weights(model_dir)).kernel_names
+
+
+def test_eval_command_streams_to_the_perplexity_in_memory(folder, tmp_path):
+    """``jaxprune eval --stream true`` reads one layer at a time and gives the perplexity and the
+    per-window sums of the model in memory; ``auto`` under the threshold loads it whole."""
+    data = write_tiny_data(tmp_path / "data")
+    argv = ["eval", "--model", str(folder), "--data-dir", str(data), "--windows", "3"]
+    argv += ["--seq-len", "16", "--batch-size", "2", "--json"]
+    runs = {}
+    for stream in ("true", "auto"):
+        done = jaxprune(*argv, "--stream", stream, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[stream] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert runs["true"]["stream"] is True and runs["auto"]["stream"] is False
+    assert runs["true"]["perplexity"] == pytest.approx(runs["auto"]["perplexity"], rel=1e-5)
+    np.testing.assert_allclose(runs["true"]["window_nll"], runs["auto"]["window_nll"], rtol=1e-5)
+    low = jaxprune(*argv, "--stream-threshold-gib", "0", cwd=tmp_path)
+    assert json.loads(low.stdout.strip().splitlines()[-1])["stream"] is True

@@ -61,19 +61,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype"
     )
+    parser.add_argument(
+        "--stream",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="read one decoder layer at a time from disk instead of loading the model (auto: "
+        "when its float32 parameters exceed --stream-threshold-gib)",
+    )
+    parser.add_argument(
+        "--stream-threshold-gib",
+        type=float,
+        default=8.0,
+        help="GiB of float32 parameters above which --stream auto streams",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
+    from jaxprune import streaming
     from jaxprune.data import eval_windows, require_files
     from jaxprune.errors import ModelError
-    from jaxprune.loaders.resolve import load_model
+    from jaxprune.loaders.lazy import open_weights
+    from jaxprune.loaders.resolve import load_model, locate
     from jaxprune.perplexity import perplexity
 
     # Errors of bad input (no such model, no network, a corrupt file, missing data) are reported
     # in one line by jaxprune.cli.run_command. The data file is checked before the model loads.
     require_files([args.data], args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    path = locate(args.model)
+    weights = open_weights(path)
+    stream = {"true": True, "false": False}.get(args.stream, "auto")
+    token_nlls = None
+    if streaming.should_stream(stream, args.stream_threshold_gib, weights.param_bytes):
+        # One decoder layer at a time from disk, every window carried through it together.
+        source = streaming.StreamedLayers(weights, dtype=DTYPES[args.dtype])
+        model, tokenizer, token_nlls = None, weights.tokenizer, source.token_nlls
+    else:
+        model, tokenizer = load_model(str(path), dtype=DTYPES[args.dtype])
     if tokenizer is None:
         raise ModelError(
             f"{args.model} has no tokenizer.json; put the model's tokenizer.json in its folder."
@@ -81,8 +105,16 @@ def main(args: argparse.Namespace) -> int:
     windows = eval_windows(
         tokenizer, args.data, args.windows, seq_len=args.seq_len, data_dir=args.data_dir
     )
-    result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json)
-    result.update(model=args.model, data=args.data, seq_len=args.seq_len, dtype=args.dtype)
+    result = perplexity(
+        model, windows, batch_size=args.batch_size, progress=not args.json, token_nlls=token_nlls
+    )
+    result.update(
+        model=args.model,
+        data=args.data,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        stream=token_nlls is not None,
+    )
     if args.json:
         print(json.dumps(result))
     else:
