@@ -23,6 +23,7 @@ import torch
 import transformers
 from flax import nnx
 from gguf import GGMLQuantizationType as Q
+from tiny_run import prune_attention_of
 
 from jaxprune import data
 from jaxprune.loaders import gguf as loader
@@ -850,29 +851,12 @@ def test_objective_probabilities_equal_the_models(layer_idx):
     )
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "softmax", "admm", "alps"])
+@pytest.mark.parametrize(
+    "method", ["magnitude", "wanda", "sparsegpt", "softmax", "admm", "alps", "d2prune"]
+)
 def test_every_method_prunes_a_gemma(method):
-    from jaxprune.config import replace
-    from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
-
     model = ours_from(hf_model(num_kv_heads=1))
-    cfg = replace(
-        PruneConfig(),
-        method=method,
-        targets="attn",
-        progress=False,
-        softmax={"samples": 2, "seq_len": 12, "steps": 5, "update_steps": 5},
-    )
-    calib = calibration_chunks(tokens(b=2, t=12, seed=1), 2)
-    report = prune_model(model, calib, [tokens(b=1, t=12, seed=2)], cfg)
-    assert len(report["layers"]) == len(TYPES)
-    for info in report["layers"]:
-        # SparseGPT's block threshold (its authors' rule) prunes one entry more per block.
-        assert set(info["sparsity"]) == {"q", "k", "v", "o"}
-        assert all(0.5 <= s <= 0.51 for s in info["sparsity"].values())
-        assert np.isfinite(info["heldout_attention_error"])
-    kernels = projection_kernels(model.layers[3])
-    keep = np.asarray(report["masks"][3]["q"])
-    assert np.all(np.asarray(kernels["q"][...])[~keep] == 0)
+    assert model.config.num_layers == len(TYPES)
+    prune_attention_of(model, method, tokens)
     logits = make_forward(model)(jnp.asarray(tokens(t=12)))
     assert np.all(np.isfinite(np.asarray(logits)))

@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from tiny_run import TINY_FLAGS, VOCAB, jaxprune, write_tiny_data
+from tiny_run import TINY_FLAGS, VOCAB, jaxprune, prune_attention_of, write_tiny_data
 
 from jaxprune.loaders.hf import read_hf_folder
 from jaxprune.loaders.params import model_from_tensors
@@ -298,28 +298,9 @@ METHODS = ["magnitude", "wanda", "sparsegpt", "softmax", "admm", "alps", "d2prun
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", FAMILY_CASES)
 def test_every_method_prunes_each_family(name, method):
-    from jaxprune.config import replace
-    from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
-
     model, _ = ours_from(name)
     fixed = {k: v for k, v in nnx_state(model).items() if "bias" in k or "norm" in k}
-    cfg = replace(
-        PruneConfig(),
-        method=method,
-        targets="attn",
-        progress=False,
-        softmax={"samples": 2, "seq_len": 12, "steps": 5, "update_steps": 5},
-    )
-    calib = calibration_chunks(tokens(b=2, t=12, seed=1), 2)
-    report = prune_model(model, calib, [tokens(b=1, t=12, seed=2)], cfg)
-    assert len(report["layers"]) == 2
-    for info in report["layers"]:
-        # SparseGPT's block threshold (its authors' rule) prunes one entry more per block.
-        assert set(info["sparsity"]) == {"q", "k", "v", "o"}
-        assert all(0.5 <= s <= 0.51 for s in info["sparsity"].values()), info["sparsity"]
-        assert np.isfinite(info["heldout_attention_error"])
-    keep = np.asarray(report["masks"][1]["k"])
-    assert np.all(np.asarray(projection_kernels(model.layers[1])["k"][...])[~keep] == 0)
+    prune_attention_of(model, method, tokens)
     # Biases and norms are never pruned or refitted.
     for key, value in nnx_state(model).items():
         if key in fixed:

@@ -140,3 +140,34 @@ def prune_tiny(folders: tuple[Path, Path, Path], *flags: str, script: str | None
 def tiny_folders(tmp: Path) -> tuple[Path, Path, Path]:
     """The tiny model and data written under ``tmp``: ``(model, data, tmp)``."""
     return write_tiny_model(tmp / "model"), write_tiny_data(tmp / "data"), tmp
+
+
+def prune_attention_of(model, method: str, tokens) -> dict:
+    """Prunes ``model``'s q, k, v and o at 50% with ``method`` on tiny calibration (2 sequences
+    of 12 tokens from ``tokens(b=, t=, seed=)``) and one held-out sequence; asserts what every
+    method owes every family: each layer's four matrices pruned at 50% (SparseGPT's block
+    threshold, its authors' rule, prunes one entry more per block: up to 51%) and a finite
+    held-out attention error, and the pruned entries zero in the model. Returns the report."""
+    from jaxprune.config import replace
+    from jaxprune.models.llama import projection_kernels
+    from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
+
+    cfg = replace(
+        PruneConfig(),
+        method=method,
+        targets="attn",
+        progress=False,
+        softmax={"samples": 2, "seq_len": 12, "steps": 5, "update_steps": 5},
+    )
+    calib = calibration_chunks(tokens(b=2, t=12, seed=1), 2)
+    report = prune_model(model, calib, [tokens(b=1, t=12, seed=2)], cfg)
+    assert len(report["layers"]) == model.config.num_layers
+    for li, info in enumerate(report["layers"]):
+        assert set(info["sparsity"]) == {"q", "k", "v", "o"}
+        assert all(0.5 <= s <= 0.51 for s in info["sparsity"].values()), info["sparsity"]
+        assert np.isfinite(info["heldout_attention_error"])
+        kernels = projection_kernels(model.layers[li])
+        for name, keep in report["masks"][li].items():
+            keep = np.asarray(keep)
+            assert np.all(np.asarray(kernels[name][...])[~keep] == 0), (li, name)
+    return report
