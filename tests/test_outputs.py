@@ -52,7 +52,9 @@ safetensors.numpy.save_file = stop
 EXPORT_FULL = EXPORT_STOPS.format(stop="raise " + ENOSPC.format("filename"))
 # (Python raises KeyboardInterrupt in the main thread at its next check, whichever thread the
 # signal reached: so wait in short sleeps, not in signal.pause().)
-EXPORT_CTRL_C = EXPORT_STOPS.format(
+# Ctrl-C as a terminal delivers it: Python's own handler, even where the test runner's process was
+# started with SIGINT ignored (a background job of a shell without job control passes that on).
+EXPORT_CTRL_C = "signal.signal(signal.SIGINT, signal.default_int_handler)\n" + EXPORT_STOPS.format(
     stop="os.kill(os.getpid(), signal.SIGINT)\n    while True: time.sleep(0.01)"
 )
 # The disk has 1,000 bytes free.
