@@ -373,6 +373,42 @@ def test_distributed_hook_runs_before_jax_starts(tmp_path):
     assert proc.returncode == 0 and "initialized" not in proc.stderr
 
 
+def run_two_processes(command: list[str], cwd=None) -> list[str]:
+    """Runs ``command`` as processes 0 and 1 of one ``jax.distributed`` run on this machine
+    (``JAXPRUNE_DISTRIBUTED=1``, a free local port as the coordinator, one CPU device each);
+    asserts both exit 0 and returns their stdouts in process order."""
+    import socket
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]),
+        JAXPRUNE_DISTRIBUTED="1",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAXPRUNE_NUM_PROCESSES="2",
+    )
+    for name in ("XLA_FLAGS", "JAXPRUNE_DEVICES"):  # one CPU device per process
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env | {"JAXPRUNE_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
 TWO_PROCESSES = """
 import json, os, sys
 from jaxprune import sharding
@@ -402,35 +438,8 @@ def test_two_processes_give_the_masks_of_one(monkeypatch):
     """Two local processes joined by ``jax.distributed`` (gloo collectives, one CPU device
     each): one layer's key/value groups split over the processes, and two independent layers
     split one per process, give the masks of one device."""
-    import socket
-
-    here = Path(__file__).resolve().parent
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]),
-        JAXPRUNE_DISTRIBUTED="1",
-        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-        JAXPRUNE_NUM_PROCESSES="2",
-    )
-    for name in ("XLA_FLAGS", "JAXPRUNE_DEVICES"):  # one CPU device per process
-        env.pop(name, None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(TWO_PROCESSES)],
-            env=env | {"JAXPRUNE_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    outs = run_two_processes([sys.executable, "-c", textwrap.dedent(TWO_PROCESSES)])
+    got = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     problems = [layer_problem(seed) for seed in range(2)]
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
     ref = [prune_qk_softmax(w, x, s, *args(CFG), **SHAPE) for w, x, s in problems]
@@ -458,41 +467,17 @@ def test_a_half_given_process_layout_is_one_clear_error(monkeypatch):
 def test_the_command_runs_as_two_processes_with_the_masks_of_one(tmp_path):
     """``jaxprune prune`` as two ``jax.distributed`` processes given the same ``--out``: process
     0 writes the one run folder, with the masks of a one-process run; the other writes none."""
-    import socket
-
     import orbax.checkpoint as ocp
 
     write_tiny_model(tmp_path / "model")
     write_tiny_data(tmp_path / "data")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     argv = ["prune", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data")]
     argv += [*TINY_FLAGS, "--method", "softmax", "--targets", "qk", "--json"]
     one = jaxprune(*argv, "--out", str(tmp_path / "one"), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-        JAXPRUNE_DISTRIBUTED="1",
-        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-        JAXPRUNE_NUM_PROCESSES="2",
+    outs = run_two_processes(
+        [sys.executable, "-m", "jaxprune.cli", *argv, "--out", str(tmp_path / "two")], cwd=tmp_path
     )
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jaxprune.cli", *argv, "--out", str(tmp_path / "two")],
-            cwd=tmp_path,
-            env=env | {"JAXPRUNE_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
 
     def masks(stdout):
         metrics = json.loads(stdout.strip().splitlines()[-1])
@@ -500,12 +485,12 @@ def test_the_command_runs_as_two_processes_with_the_masks_of_one(tmp_path):
         return metrics, ocp.PyTreeCheckpointer().restore(path)
 
     ref_metrics, ref = masks(one.stdout)
-    metrics, got = masks(outs[0][0])
+    metrics, got = masks(outs[0])
     assert metrics["device_count"] == 2
     assert metrics["measured_sparsity"] == ref_metrics["measured_sparsity"]
     for li, layer in ref.items():
         for name, keep in layer.items():
             np.testing.assert_array_equal(got[li][name], keep)
-    other = json.loads(outs[1][0].strip().splitlines()[-1])
+    other = json.loads(outs[1].strip().splitlines()[-1])
     assert other["run_dir"] is None and other["perplexity"] == metrics["perplexity"]
     assert [p.name for p in (tmp_path / "two").iterdir()] == [Path(metrics["run_dir"]).name]
