@@ -10,27 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_pipeline import BASE as PIPELINE_BASE
 from tiny_run import TINY_FLAGS, jaxprune, prune_tiny, tiny_config, tiny_folders
 
 from jaxprune import streaming
-from jaxprune.config import from_dict, replace
+from jaxprune.config import replace
 from jaxprune.loaders.lazy import open_weights
 from jaxprune.methods.registry import prune_matrix
 from jaxprune.methods.stats import init_stats, update_stats
 from jaxprune.models.llama import Llama, projection_kernels
-from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model
+from jaxprune.pipeline import calibration_chunks, prune_model
 
 TINY = tiny_config()
-BASE = from_dict(
-    PruneConfig,
-    {
-        "softmax": {"samples": 2, "seq_len": 12, "steps": 10},
-        "eval": {"heldout_samples": 1},
-        "sparsegpt": {"blocksize": 16},
-        "progress": False,
-        "dtype": "bfloat16",
-    },
-)
+# The pipeline tests' settings, in bfloat16.
+BASE = replace(PIPELINE_BASE, dtype="bfloat16")
 
 
 def tokens(n=4, t=16, seed=0):
