@@ -9,6 +9,7 @@ RUN_DIR``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -189,8 +190,10 @@ def run_job(
         )
     if jax.process_index() == 0:
         return _run_job(cfg, export_hf, command, overwrite, None, cfg.out)
+    # Process 0 speaks for the run: the others show no progress and name no run folder.
+    quiet = dataclasses.replace(cfg, progress=False)
     with tempfile.TemporaryDirectory(prefix=f"jaxprune-process-{jax.process_index()}-") as tmp:
-        metrics = _run_job(cfg, None, command, overwrite, None, tmp)
+        metrics = _run_job(quiet, None, command, overwrite, None, tmp)
     return metrics | {"run_dir": None, "files": []}
 
 
@@ -344,6 +347,7 @@ def summary(metrics: dict) -> str:
         f"{cfg['method']} {cfg['targets']} {cfg['pattern']}"
         f"{'' if ':' in cfg['pattern'] else ' ' + str(cfg['sparsity'])}: perplexity {ppl}; "
         f"sparsity {metrics['mean_sparsity']:.3f}; prune {metrics['prune_seconds']:.1f} s; "
-        f"peak RSS {metrics['host_peak_rss_bytes'] / 2**30:.2f} GiB -> {metrics['run_dir']}"
+        f"peak RSS {metrics['host_peak_rss_bytes'] / 2**30:.2f} GiB -> "
+        + (metrics["run_dir"] or f"(process {jax.process_index()}: process 0 writes the run)")
         + (f" ({warned} warning(s) in metrics.json)" if warned else "")
     )

@@ -373,10 +373,10 @@ def test_distributed_hook_runs_before_jax_starts(tmp_path):
     assert proc.returncode == 0 and "initialized" not in proc.stderr
 
 
-def run_two_processes(command: list[str], cwd=None) -> list[str]:
+def run_two_processes(command: list[str], cwd=None) -> list[tuple[str, str]]:
     """Runs ``command`` as processes 0 and 1 of one ``jax.distributed`` run on this machine
     (``JAXPRUNE_DISTRIBUTED=1``, a free local port as the coordinator, one CPU device each);
-    asserts both exit 0 and returns their stdouts in process order."""
+    asserts both exit 0 and returns their (stdout, stderr) in process order."""
     import socket
 
     here = Path(__file__).resolve().parent
@@ -406,7 +406,7 @@ def run_two_processes(command: list[str], cwd=None) -> list[str]:
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
+    return outs
 
 
 TWO_PROCESSES = """
@@ -439,7 +439,7 @@ def test_two_processes_give_the_masks_of_one(monkeypatch):
     each): one layer's key/value groups split over the processes, and two independent layers
     split one per process, give the masks of one device."""
     outs = run_two_processes([sys.executable, "-c", textwrap.dedent(TWO_PROCESSES)])
-    got = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     problems = [layer_problem(seed) for seed in range(2)]
     monkeypatch.setenv("JAXPRUNE_DEVICES", "1")
     ref = [prune_qk_softmax(w, x, s, *args(CFG), **SHAPE) for w, x, s in problems]
@@ -466,7 +466,8 @@ def test_a_half_given_process_layout_is_one_clear_error(monkeypatch):
 @pytest.mark.slow
 def test_the_command_runs_as_two_processes_with_the_masks_of_one(tmp_path):
     """``jaxprune prune`` as two ``jax.distributed`` processes given the same ``--out``: process
-    0 writes the one run folder, with the masks of a one-process run; the other writes none."""
+    0 writes the one run folder, with the masks of a one-process run, and names it; the other
+    writes and names none."""
     import orbax.checkpoint as ocp
 
     write_tiny_model(tmp_path / "model")
@@ -476,7 +477,17 @@ def test_the_command_runs_as_two_processes_with_the_masks_of_one(tmp_path):
     one = jaxprune(*argv, "--out", str(tmp_path / "one"), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     outs = run_two_processes(
-        [sys.executable, "-m", "jaxprune.cli", *argv, "--out", str(tmp_path / "two")], cwd=tmp_path
+        [
+            sys.executable,
+            "-m",
+            "jaxprune.cli",
+            *argv,
+            "--out",
+            str(tmp_path / "two"),
+            "--progress",
+            "true",
+        ],
+        cwd=tmp_path,
     )
 
     def masks(stdout):
@@ -485,12 +496,14 @@ def test_the_command_runs_as_two_processes_with_the_masks_of_one(tmp_path):
         return metrics, ocp.PyTreeCheckpointer().restore(path)
 
     ref_metrics, ref = masks(one.stdout)
-    metrics, got = masks(outs[0])
+    metrics, got = masks(outs[0][0])
     assert metrics["device_count"] == 2
     assert metrics["measured_sparsity"] == ref_metrics["measured_sparsity"]
     for li, layer in ref.items():
         for name, keep in layer.items():
             np.testing.assert_array_equal(got[li][name], keep)
-    other = json.loads(outs[1].strip().splitlines()[-1])
+    other = json.loads(outs[1][0].strip().splitlines()[-1])
     assert other["run_dir"] is None and other["perplexity"] == metrics["perplexity"]
+    assert f"run folder {metrics['run_dir']}" in outs[0][1]
+    assert "run folder" not in outs[1][1]
     assert [p.name for p in (tmp_path / "two").iterdir()] == [Path(metrics["run_dir"]).name]
