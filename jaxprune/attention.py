@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -56,3 +58,78 @@ def attention_probs(
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     unnorm = jnp.exp(logits - row_max)
     return unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)
+
+
+def _batched_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """``a @ b`` over a shared leading batch axis, contracting axis ``contract[0]`` of ``a`` with
+    axis ``contract[1]`` of ``b``."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))))
+
+
+def _block_float32(q, k, v, scale_logits, positions, window):
+    """One query block in float32: ``(b, g, r, n, dh)``, each row normalised after the second
+    matmul (``n x dh`` divisions instead of ``n x m``), with a group's query heads and rows on
+    one matmul axis."""
+    b, g, r, n, dh = q.shape
+    m = k.shape[2]
+    rows = q.reshape(b * g, r * n, dh)
+    logits = scale_logits(_batched_dot(rows, k.reshape(b * g, m, dh), (2, 2)))
+    logits = jnp.where(
+        causal_allowed(n, m, positions, window), logits.reshape(b, g, r, n, m), -jnp.inf
+    )
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnorm = jnp.exp(logits - row_max)
+    out = _batched_dot(unnorm.reshape(b * g, r * n, m), v.reshape(b * g, m, dh), (2, 1))
+    return out.reshape(b, g, r, n, dh) / jnp.sum(unnorm, axis=-1, keepdims=True)
+
+
+def _block_low_precision(q, k, v, scale_logits, positions, window):
+    """One query block in a lower precision, as transformers computes it: logits scaled in the
+    inputs' dtype, softmax in float32, probabilities cast back before the second matmul."""
+    logits = scale_logits(jnp.einsum("bgrtd,bgsd->bgrts", q, k))
+    probs = attention_probs(logits.astype(jnp.float32), query_positions=positions, window=window)
+    return jnp.einsum("bgrts,bgsd->bgrtd", probs.astype(q.dtype), v)
+
+
+def blocked_causal_attention(
+    q: Float[Array, "b g r t dh"],
+    k: Float[Array, "b g t dh"],
+    v: Float[Array, "b g t dh"],
+    *,
+    scale_logits: Callable[[jax.Array], jax.Array],
+    window: int | None = None,
+    block: int = 512,
+) -> Float[Array, "b t hdh"]:
+    """Causal attention of grouped query heads, ``(b, t, g * r * dh)`` (query head ``i`` of key
+    group ``i // r``, group-major, as ``o_proj`` reads them). ``scale_logits`` scales the
+    logits ``q k^T`` in the inputs' dtype, as the family's reference does (it is part of what a
+    low precision rounds).
+
+    Query rows go in blocks of ``block``, each against only the keys it can see: those up to its
+    last row and, with a ``window``, from ``window - 1`` before its first row. The masked upper
+    triangle is never computed, no ``(t, t)`` matrix is kept, and a windowed layer's cost is linear
+    in ``t``. In float32 each block is two batched matmuls over the ``b * g`` key groups (a
+    group's query heads and the block's rows on one axis), normalised after the second; in lower
+    precisions it follows transformers' order of roundings.
+    """
+    t = q.shape[3]
+    one_block = _block_float32 if q.dtype == jnp.float32 else _block_low_precision
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        first = 0 if window is None else max(0, start - window + 1)
+        # Rows start..end-1 sit at key positions start-first.. of the slice first..end-1
+        # (without a window: the last rows of a causal block).
+        positions = None if window is None else jnp.arange(start, end) - first
+        outs.append(
+            one_block(
+                q[:, :, :, start:end],
+                k[:, :, first:end],
+                v[:, :, first:end],
+                scale_logits,
+                positions,
+                window,
+            )
+        )
+    b, g, r, _, dh = q.shape
+    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, g * r * dh)

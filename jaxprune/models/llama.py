@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxprune.attention import attention_probs
+from jaxprune.attention import attention_probs, blocked_causal_attention
 from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
@@ -305,8 +305,11 @@ class Attention(nnx.Module):
         # Query head i uses key/value head i // (h/g): split h as (g, h/g), group-major.
         return q.reshape(b, g, h // g, t, dh), k, v
 
+    def _scale(self, logits):
+        return logits / math.sqrt(self.head_dim)
+
     def _probs(self, q, k, dtype, query_positions=None):
-        logits = jnp.einsum("bgrtd,bgsd->bgrts", q, k) / math.sqrt(self.head_dim)
+        logits = self._scale(jnp.einsum("bgrtd,bgsd->bgrts", q, k))
         # Softmax in float32 (as transformers does) so bf16 weights do not degrade the rows.
         probs = attention_probs(
             logits.astype(jnp.float32), query_positions=query_positions, window=self.window
@@ -332,18 +335,10 @@ class Attention(nnx.Module):
         Returns:
           ``(out (b, t, d), o_in (b, t, h*dh))``.
         """
-        b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
-        outs = []
-        for start in range(0, t, QUERY_BLOCK):
-            end = min(start + QUERY_BLOCK, t)
-            first = 0 if self.window is None else max(0, start - self.window + 1)
-            # Rows start..end-1 sit at key positions start-first.. of the slice first..end-1
-            # (without a window: the last rows of a causal (end-start, end) block).
-            positions = None if self.window is None else jnp.arange(start, end) - first
-            probs = self._probs(q[:, :, :, start:end], k[:, :, first:end], x.dtype, positions)
-            outs.append(jnp.einsum("bgrts,bgsd->btgrd", probs, v[:, :, first:end]))
-        out = jnp.concatenate(outs, axis=1).reshape(b, t, -1)
+        out = blocked_causal_attention(
+            q, k, v, scale_logits=self._scale, window=self.window, block=QUERY_BLOCK
+        )
         return self.o_proj(out), out
 
     def probs(
