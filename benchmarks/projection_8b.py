@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune.methods.sparsegpt import sparsegpt_prune
-from jaxprune.methods.stats import InputStats, update_stats
+from jaxprune.methods.stats import InputStats, init_stats, update_stats
 from jaxprune.methods.wanda import wanda_prune
 from jaxprune.models.llama import Llama, LlamaConfig, _token_nll
 from jaxprune.objective_vjp import qk_pruning_loss_vjp
@@ -87,7 +87,8 @@ def forward_costs(seq_len: int) -> dict[str, tuple[float, float]]:
 
 
 def stats_of(d: int) -> InputStats:
-    return InputStats(hessian=spec((d, d)), sq_norm=spec((d,)), count=spec((), jnp.int32))
+    """The shapes of the calibration statistics of ``d``-wide inputs."""
+    return jax.eval_shape(lambda: init_stats(d))
 
 
 def method_costs(cfg: PruneConfig, config: LlamaConfig) -> dict[str, tuple[float, float]]:

@@ -83,11 +83,27 @@ def _block_float32(q, k, v, scale_logits, positions, window):
     return out.reshape(b, g, r, n, dh) / jnp.sum(unnorm, axis=-1, keepdims=True)
 
 
-def _block_low_precision(q, k, v, scale_logits, positions, window):
-    """One query block in a lower precision, as transformers computes it: logits scaled in the
-    inputs' dtype, softmax in float32, probabilities cast back before the second matmul."""
+def grouped_probs(
+    q: Float[Array, "b g r n dh"],
+    k: Float[Array, "b g m dh"],
+    scale_logits: Callable[[jax.Array], jax.Array],
+    query_positions: Int[Array, " n"] | None = None,
+    window: int | None = None,
+) -> Float[Array, "b g r n m"]:
+    """Causal (windowed) attention probabilities of grouped query heads, in float32, as the
+    families' references compute them: the logits ``q k^T`` scaled by ``scale_logits`` in the
+    inputs' dtype, then the softmax in float32. Queries and window as in
+    :func:`attention_probs`."""
     logits = scale_logits(jnp.einsum("bgrtd,bgsd->bgrts", q, k))
-    probs = attention_probs(logits.astype(jnp.float32), query_positions=positions, window=window)
+    return attention_probs(
+        logits.astype(jnp.float32), query_positions=query_positions, window=window
+    )
+
+
+def _block_low_precision(q, k, v, scale_logits, positions, window):
+    """One query block in a lower precision, as transformers computes it: the probabilities of
+    :func:`grouped_probs` cast back to the inputs' dtype before the second matmul."""
+    probs = grouped_probs(q, k, scale_logits, positions, window)
     return jnp.einsum("bgrts,bgsd->bgrtd", probs.astype(q.dtype), v)
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxprune.attention import attention_probs, blocked_causal_attention
+from jaxprune.attention import blocked_causal_attention, grouped_probs
 
 # Llama's generic helpers, re-exported: they need only `hidden`/`head` (the chunked NLL, whose
 # (t, 262144) logits are never held whole) and Llama's projection names, which Gemma shares.
@@ -386,12 +386,8 @@ class Attention(nnx.Module):
         return logits * jnp.asarray(self.query_scale, logits.dtype)
 
     def _probs(self, q, k, dtype, query_positions=None):
-        # Softmax in float32.
-        logits = self._scale(jnp.einsum("bgrtd,bgsd->bgrts", q, k))
-        probs = attention_probs(
-            logits.astype(jnp.float32), query_positions=query_positions, window=self.window
-        )
-        return probs.astype(dtype)
+        # Softmax in float32 (as transformers does) so bf16 weights do not degrade the rows.
+        return grouped_probs(q, k, self._scale, query_positions, self.window).astype(dtype)
 
     def __call__(
         self, x: Float[Array, "b t d"], cos: Float[Array, "t dh"], sin: Float[Array, "t dh"]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxprune.attention import attention_probs, blocked_causal_attention
+from jaxprune.attention import blocked_causal_attention, grouped_probs
 from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
@@ -309,12 +309,8 @@ class Attention(nnx.Module):
         return logits / math.sqrt(self.head_dim)
 
     def _probs(self, q, k, dtype, query_positions=None):
-        logits = self._scale(jnp.einsum("bgrtd,bgsd->bgrts", q, k))
         # Softmax in float32 (as transformers does) so bf16 weights do not degrade the rows.
-        probs = attention_probs(
-            logits.astype(jnp.float32), query_positions=query_positions, window=self.window
-        )
-        return probs.astype(dtype)
+        return grouped_probs(q, k, self._scale, query_positions, self.window).astype(dtype)
 
     def __call__(
         self, x: Float[Array, "b t d"], cos: Float[Array, "t dh"], sin: Float[Array, "t dh"]
