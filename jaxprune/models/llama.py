@@ -37,7 +37,7 @@ from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 # Names of the projections that pruning may touch, in the order a layer applies them.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # Query rows per attention block (each block sees only the keys up to its last row).
-QUERY_BLOCK = 512
+QUERY_BLOCK = 256
 # Tokens per chunk of the output head in the NLL (the full (t, vocab) logits are never kept).
 NLL_CHUNK = 512
 
