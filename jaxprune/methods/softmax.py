@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import field
 
+from jaxprune.masks import parse_nm
 from jaxprune.methods import registry
 from jaxprune.methods.base import Layer, Method, Pruned, Request
 from jaxprune.methods.softmax_layers import prune_qk_softmax_layers
@@ -73,6 +74,10 @@ class SoftmaxConfig:
     schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
     # Solver steps per layer.
     steps: int = field(default=80, metadata={"range": (1, 1_000_000)})
+    # Staged rounding: split the steps into this many solves; after each but the last, the
+    # lowest-scored entries up to sparsity * stage / stages are fixed at zero (their weights
+    # removed from the next solve). 1: one solve, then one rounding (the paper's).
+    stages: int = field(default=1, metadata={"range": (1, 1000)})
     # Divide the attention term by its dense scale.
     normalize: bool = True
     # Round by the mask (mask) or by |M * W| (mask_times_weight).
@@ -111,6 +116,17 @@ class SoftmaxConfig:
             raise ValueError(
                 f"softmax.mask={self.mask!r} is not allowed; choose auto, solve or a method that "
                 f"prunes one matrix at a time: {', '.join(matrix_methods())}."
+            )
+        if self.stages > self.steps:
+            raise ValueError(
+                f"softmax.stages={self.stages} is more than softmax.steps={self.steps}: each "
+                "stage needs at least one step; lower --softmax.stages or raise --softmax.steps."
+            )
+        if self.stages > 1 and self.row_block is not None:
+            raise ValueError(
+                "softmax.stages > 1 needs the direct attention term (the row-blocked term "
+                "recomputes its dense rows from the weights a stage removes): unset "
+                "softmax.row_block or set softmax.stages 1."
             )
         if self.mask not in ("auto", "solve") and self.update != "softmax":
             raise ValueError(
@@ -197,7 +213,13 @@ def _with_other_targets(layer, request, opts, new, keep, info) -> Pruned:
 
 
 def check(request: Request, opts: SoftmaxConfig, input_dims) -> None:
-    """The other method's checks on the matrices it gets."""
+    """Staged rounding's pattern, and the other method's checks on the matrices it gets."""
+    staged = opts.stages > 1 and mask_source(request, opts) == "solve"
+    if staged and parse_nm(request.pattern) is not None:
+        raise ValueError(
+            f"softmax.stages={opts.stages} rounds to growing unstructured sparsities and cannot "
+            f"stage the {request.pattern} pattern: set --softmax.stages 1 for N:M patterns."
+        )
     rest = tuple(t for t in request.targets if t not in QK)
     other = registry.get(opts.other_method)
     if rest and other.check is not None:

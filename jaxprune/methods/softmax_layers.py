@@ -126,6 +126,7 @@ def prune_qk_softmax_layers(
     )
     if (
         opts.optimizer == "gd"
+        or opts.stages > 1  # staged rounding re-solves each layer on its own fixed zeros
         or mask_source(request, opts) != "solve"
         or len({x.shape for x in xs}) > 1
     ):

@@ -236,10 +236,25 @@ def prune_qk_softmax(
             )
             searched[cand] = float(np.mean([float(jnp.mean(m)) for m in res.masks.values()]))
         lam = min(searched, key=lambda c: abs(searched[c] - request.keep_fraction))
-    res = solve_masks(loss_of(lam=lam), init, steps=opts.steps, desc=desc, **solve_kw)
-    masks = res.masks if mesh is None else sharding.gather(res.masks)
+    if opts.stages > 1:
+        res, masks, fixed = _staged_solve(
+            loss_of(lam=lam), setup, weights, stats, request, opts, mesh, progress, desc
+        )
+    else:
+        res = solve_masks(loss_of(lam=lam), init, steps=opts.steps, desc=desc, **solve_kw)
+        masks, fixed = (res.masks if mesh is None else sharding.gather(res.masks)), None
     new, keep, update_info = round_and_update(
-        masks, weights, x, stats, request, opts, setup, spec_kw, progress=progress, desc=desc
+        masks,
+        weights,
+        x,
+        stats,
+        request,
+        opts,
+        setup,
+        spec_kw,
+        progress=progress,
+        desc=desc,
+        pruned=fixed,
     )
     info = dict(
         lam=lam,
@@ -252,6 +267,45 @@ def prune_qk_softmax(
         **update_info,
     )
     return new, keep, info
+
+
+def _staged_solve(loss_fn, setup, weights, stats, request, opts, mesh, progress, desc):
+    """Staged rounding: ``opts.steps`` split over ``opts.stages`` solves. After each solve but
+    the last, the lowest-scored entries, up to ``sparsity * stage / stages`` of each matrix (in
+    the rounding's group, by its scores and tie-break), are fixed at zero: their mask entries
+    and weights are zeroed in the next solve's start and data (the dense target stays), so the
+    remaining entries adapt to the ones already gone.
+
+    Returns:
+      ``(last_result, masks, pruned)``: the last solve, its masks (fixed entries at zero) and
+      the boolean ``{"q", "k"}`` entries fixed at zero, which the final rounding prunes first.
+    """
+    group = mask_group(request)
+    pruned = {k: jnp.zeros(w.shape, bool) for k, w in weights.items()}
+    masks = setup.init
+    steps = [opts.steps // opts.stages + (i < opts.steps % opts.stages) for i in range(opts.stages)]
+    for stage, n_steps in enumerate(steps, start=1):
+        kept = {k: jnp.where(pruned[k], 0.0, w) for k, w in weights.items()}
+        start = {k: jnp.where(pruned[k], 0.0, m) for k, m in masks.items()}
+        placed, data = sharding.place_qk_solve(mesh, start, (kept, *setup.data[1:]))
+        res = solve_masks(
+            loss_fn,
+            placed,
+            data=data,
+            steps=n_steps,
+            progress=progress,
+            desc=f"{desc} stage {stage}/{opts.stages}",
+            **solve_options(opts),
+        )
+        masks = res.masks if mesh is None else sharding.gather(res.masks)
+        masks = {k: jnp.where(pruned[k], 0.0, m) for k, m in masks.items()}
+        if stage < opts.stages:
+            level = request.sparsity * stage / opts.stages
+            for k, w in weights.items():
+                tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
+                scores = jnp.where(pruned[k], -jnp.inf, mask_scores(masks[k], w, opts.score))
+                pruned[k] = ~binarize(scores, level, "unstructured", group=group, tiebreak=tiebreak)
+    return res, masks, pruned
 
 
 def _from_method(weights, x, stats, request, opts, setup, spec_kw, progress, desc, start):
@@ -388,8 +442,11 @@ def resolve_mask(mask: str, pattern: str, update: str) -> str:
     return "alps" if parse_nm(pattern) is not None and update == "softmax" else "solve"
 
 
-def round_and_update(masks, weights, x, stats, request, opts, setup, spec_kw, *, progress, desc):
-    """Rounds solved masks to the pattern and applies the weight update of ``opts.update``.
+def round_and_update(
+    masks, weights, x, stats, request, opts, setup, spec_kw, *, progress, desc, pruned=None
+):
+    """Rounds solved masks to the pattern and applies the weight update of ``opts.update``;
+    entries in ``pruned`` (staged rounding's fixed zeros) are pruned first.
 
     Returns:
       ``(new_kernels, keep, update_info)``.
@@ -401,6 +458,8 @@ def round_and_update(masks, weights, x, stats, request, opts, setup, spec_kw, *,
         # (a second sort key, so it never reorders distinct mask values).
         tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
         scores = mask_scores(masks[k], w, opts.score)
+        if pruned is not None:
+            scores = jnp.where(pruned[k], -jnp.inf, scores)
         keep[k] = binarize(
             scores, request.sparsity, request.pattern, group=group, tiebreak=tiebreak
         )

@@ -1,0 +1,117 @@
+"""Staged rounding of the softmax-aware mask solve (``softmax.stages``): the solve's steps split
+over stages, the lowest-scored entries fixed at zero after each stage but the last, and the
+remaining entries re-solved without those weights."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune.config import replace
+from jaxprune.masks import binarize
+from jaxprune.methods.softmax_solve import _mask_loss, prune_qk_softmax, solve_options, solve_setup
+from jaxprune.methods.stats import init_stats, update_stats
+from jaxprune.methods.wanda import wanda_scores
+from jaxprune.models.spec import AttentionSpec
+from jaxprune.pipeline import PruneConfig, request_for
+from jaxprune.solvers import solve_masks
+
+# One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
+D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
+SPEC = AttentionSpec(H, G, DH, 1e4)
+
+
+def config(**softmax):
+    return replace(
+        PruneConfig(),
+        method="softmax",
+        softmax={"steps": 12, "update": "none", **softmax},
+        progress=False,
+    )
+
+
+def layer_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    weights = {
+        "q": jnp.asarray(rng.normal(size=(D, H * DH)) * 3 / np.sqrt(D), jnp.float32),
+        "k": jnp.asarray(rng.normal(size=(D, G * DH)) * 3 / np.sqrt(D), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(B, N, D)), jnp.float32)
+    return weights, x, update_stats(init_stats(D), x)
+
+
+def by_hand(weights, x, stats, cfg):
+    """Two stages written out: 6 steps, fix the lowest quarter of each matrix (by mask, Wanda
+    tie-break) at zero, 6 steps without those weights, then the final rounding to half with the
+    fixed entries first."""
+    request, opts = request_for(cfg), cfg.softmax
+    setup = solve_setup(weights, x, stats, request, opts, dict(spec=SPEC))
+    loss = _mask_loss(
+        lam=opts.lam,
+        n_entries=setup.n_entries,
+        query_idx=setup.query_idx,
+        row_block=None,
+        shape=(("spec", SPEC),),
+    )
+    first = solve_masks(loss, setup.init, data=setup.data, steps=6, **solve_options(opts))
+    fixed = {
+        k: ~binarize(first.masks[k], 0.25, tiebreak=wanda_scores(w, stats))
+        for k, w in weights.items()
+    }
+    kept = {k: jnp.where(fixed[k], 0.0, w) for k, w in weights.items()}
+    start = {k: jnp.where(fixed[k], 0.0, m) for k, m in first.masks.items()}
+    second = solve_masks(
+        loss, start, data=(kept, *setup.data[1:]), steps=6, **solve_options(opts)
+    )
+    return {
+        k: binarize(
+            jnp.where(fixed[k], -jnp.inf, second.masks[k]), 0.5, tiebreak=wanda_scores(w, stats)
+        )
+        for k, w in weights.items()
+    }, fixed
+
+
+def test_two_stages_fix_the_first_rounding_and_resolve_without_those_weights():
+    weights, x, stats = layer_problem()
+    cfg = config(stages=2)
+    new, keep, _ = prune_qk_softmax(
+        weights, x, stats, request_for(cfg), cfg.softmax, spec=SPEC, progress=False
+    )
+    expected, fixed = by_hand(weights, x, stats, cfg)
+    for k, w in weights.items():
+        np.testing.assert_array_equal(keep[k], expected[k])
+        assert not bool(jnp.any(keep[k] & fixed[k]))  # fixed zeros never come back
+        assert int((~keep[k]).sum()) == round(0.5 * w.size)
+        np.testing.assert_array_equal(new[k], jnp.where(keep[k], w, 0))
+    # The stages change the answer: one solve of all 12 steps keeps other entries.
+    one = config(stages=1)
+    _, keep_one, _ = prune_qk_softmax(
+        weights, x, stats, request_for(one), one.softmax, spec=SPEC, progress=False
+    )
+    assert any(bool(jnp.any(keep_one[k] != keep[k])) for k in weights)
+
+
+@pytest.mark.parametrize(
+    "softmax,match",
+    [
+        ({"stages": 20, "steps": 10}, r"softmax.stages=20 is more than softmax.steps=10"),
+        ({"stages": 2, "row_block": 8}, r"softmax.stages > 1 needs the direct attention term"),
+    ],
+)
+def test_impossible_stage_settings_are_refused(softmax, match):
+    with pytest.raises(ValueError, match=match):
+        config(**softmax)
+
+
+def test_staged_rounding_refuses_nm_patterns_only_where_it_solves():
+    from jaxprune.methods import softmax
+
+    dims = {"q": D, "k": D}
+    nm = replace(config(stages=2, update="softmax"), pattern="2:4", targets="qk")
+    # 2:4 takes ALPS's mask by default (no solve, so nothing to stage) ...
+    softmax.check(request_for(nm), nm.softmax, dims)
+    # ... and a solved 2:4 mask cannot be staged.
+    solved = replace(nm, softmax={"update": "none"})
+    with pytest.raises(ValueError, match="cannot stage the 2:4 pattern"):
+        softmax.check(request_for(solved), solved.softmax, dims)
