@@ -16,8 +16,8 @@ from jaxprune import plots, results
 from jaxprune.compare import format_difference, paired_bootstrap
 from jaxprune.config import ConfigError, flatten, from_dict, to_dict
 from jaxprune.methods import registry
-from jaxprune.methods.softmax import resolve_mask
-from jaxprune.prune_config import PruneConfig, flat_settings
+from jaxprune.methods.softmax import QK, resolve_mask
+from jaxprune.prune_config import TARGETS, PruneConfig, flat_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +135,16 @@ _NOT_RESULTS = ("progress",)
 
 def _used_settings(settings: dict) -> dict:
     """Flat settings without those no result depends on: the sections of methods the row's
-    method does not run (its own section, and that of the method it hands other matrices to,
-    ``NAME.other_method``, stay) and :data:`_NOT_RESULTS`."""
+    method does not run (its own section, that of the method it hands other matrices to,
+    ``NAME.other_method``, where there are other targets, and that of the method whose mask it
+    starts from, ``NAME.mask``, stay) and :data:`_NOT_RESULTS`."""
     method = settings.get("method")
-    used = {method, settings.get(f"{method}.other_method")}
+    other = f"{method}.other_method"
+    if other in settings and set(TARGETS[settings.get("targets", "qk")]) <= set(QK):
+        # Every target is its own: the method it would hand the others to is never run.
+        settings = {k: v for k, v in settings.items() if k != other}
+    # The method whose mask and weights start the softmax-aware update (softmax.mask, resolved).
+    used = {method, settings.get(other), settings.get(f"{method}.mask")}
     sections = {m.name for m in registry.methods() if m.section is not None}
     return {
         k: v

@@ -69,7 +69,7 @@ def test_every_moved_key_lands_on_a_field_and_every_old_field_moved():
 
 # Fields added after the sections: a flat config (written before them) cannot hold them, and a
 # reader takes their defaults (resume.differences, table._same_settings).
-ADDED_SINCE = {"softmax.mask"}
+ADDED_SINCE = {"softmax.mask", "softmax.stages"}
 
 
 # Sections of the methods registered since (their keys are absent from old configs).
@@ -319,14 +319,32 @@ def test_a_row_depends_only_on_the_sections_of_the_methods_it_runs():
     assert _same_settings(wanda, to_dict(replace(PruneConfig(), method="wanda")))
     admm = stored(method="admm", admm={"rho": 2.0})
     assert not _same_settings(admm, to_dict(replace(PruneConfig(), method="admm")))
-    softmax = stored(method="softmax", sparsegpt={"blocksize": 64})
-    assert not _same_settings(softmax, to_dict(replace(PruneConfig(), method="softmax")))
+    to_sparsegpt = {
+        "method": "softmax",
+        "targets": "attn",
+        "softmax": {"other_method": "sparsegpt"},
+    }
+    softmax = stored(**to_sparsegpt, sparsegpt={"blocksize": 64})
+    assert not _same_settings(softmax, to_dict(replace(PruneConfig(), **to_sparsegpt)))
     handed = stored(
-        method="softmax", softmax={"other_method": "wanda"}, sparsegpt={"blocksize": 64}
+        method="softmax",
+        targets="attn",
+        softmax={"other_method": "wanda"},
+        sparsegpt={"blocksize": 64},
     )
-    assert _same_settings(
-        handed, to_dict(replace(PruneConfig(), method="softmax", softmax={"other_method": "wanda"}))
+    to_wanda = replace(
+        PruneConfig(), method="softmax", targets="attn", softmax={"other_method": "wanda"}
     )
+    assert _same_settings(handed, to_dict(to_wanda))
+    # At qk nothing is handed on: the other method and its section never run.
+    qk_only = stored(
+        method="softmax", softmax={"other_method": "sparsegpt"}, sparsegpt={"blocksize": 64}
+    )
+    assert _same_settings(qk_only, to_dict(replace(PruneConfig(), method="softmax")))
+    # A start from another method's mask runs that method.
+    start = {"method": "softmax", "softmax": {"mask": "sparsegpt"}}
+    from_sparsegpt = stored(**start, sparsegpt={"blocksize": 64})
+    assert not _same_settings(from_sparsegpt, to_dict(replace(PruneConfig(), **start)))
 
 
 def test_the_committed_magnitude_2_4_row_is_the_first_tie_rule_and_torch_cpu_is_another_row():
