@@ -435,8 +435,8 @@ def mask_source(request: Request, opts) -> str:
 def resolve_mask(mask: str, pattern: str, update: str) -> str:
     """``softmax.mask`` with ``auto`` resolved to the best measured choice on the full protocol:
     ALPS's mask and weights at N:M patterns with the softmax update (at 2:4 it beats the start
-    from SparseGPT's mask, which beats the solved mask), the solved mask otherwise (it wins at
-    50% unstructured)."""
+    from SparseGPT's mask, which beats the solved mask), the solved mask otherwise (at 50%
+    unstructured it beats the starts from SparseGPT's and from ALPS's mask)."""
     if mask != "auto":
         return mask
     return "alps" if parse_nm(pattern) is not None and update == "softmax" else "solve"
