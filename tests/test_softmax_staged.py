@@ -61,9 +61,7 @@ def by_hand(weights, x, stats, cfg):
     }
     kept = {k: jnp.where(fixed[k], 0.0, w) for k, w in weights.items()}
     start = {k: jnp.where(fixed[k], 0.0, m) for k, m in first.masks.items()}
-    second = solve_masks(
-        loss, start, data=(kept, *setup.data[1:]), steps=6, **solve_options(opts)
-    )
+    second = solve_masks(loss, start, data=(kept, *setup.data[1:]), steps=6, **solve_options(opts))
     return {
         k: binarize(
             jnp.where(fixed[k], -jnp.inf, second.masks[k]), 0.5, tiebreak=wanda_scores(w, stats)
