@@ -301,10 +301,10 @@ def _staged_solve(loss_fn, setup, weights, stats, request, opts, mesh, progress,
         masks = {k: jnp.where(pruned[k], 0.0, m) for k, m in masks.items()}
         if stage < opts.stages:
             level = request.sparsity * stage / opts.stages
-            for k, w in weights.items():
-                tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
-                scores = jnp.where(pruned[k], -jnp.inf, mask_scores(masks[k], w, opts.score))
-                pruned[k] = ~binarize(scores, level, "unstructured", group=group, tiebreak=tiebreak)
+            pruned = {
+                k: ~_round(masks[k], w, stats, opts, level, "unstructured", group, pruned[k])
+                for k, w in weights.items()
+            }
     return res, masks, pruned
 
 
@@ -442,6 +442,18 @@ def resolve_mask(mask: str, pattern: str, update: str) -> str:
     return "alps" if parse_nm(pattern) is not None and update == "softmax" else "solve"
 
 
+def _round(mask, w, stats, opts, sparsity, pattern, group, pruned=None):
+    """The keep-mask of one matrix: its relaxed ``mask`` scored by ``opts.score`` and rounded
+    to ``sparsity`` in ``pattern`` and ``group``; entries in ``pruned`` go first."""
+    # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
+    # (a second sort key, so it never reorders distinct mask values).
+    tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
+    scores = mask_scores(mask, w, opts.score)
+    if pruned is not None:
+        scores = jnp.where(pruned, -jnp.inf, scores)
+    return binarize(scores, sparsity, pattern, group=group, tiebreak=tiebreak)
+
+
 def round_and_update(
     masks, weights, x, stats, request, opts, setup, spec_kw, *, progress, desc, pruned=None
 ):
@@ -454,15 +466,8 @@ def round_and_update(
     group = mask_group(request)
     keep, new = {}, {}
     for k, w in weights.items():
-        # Projection leaves many entries exactly at 0 or 1; Wanda's score orders those ties
-        # (a second sort key, so it never reorders distinct mask values).
-        tiebreak = wanda_scores(w, stats) if opts.tiebreak else None
-        scores = mask_scores(masks[k], w, opts.score)
-        if pruned is not None:
-            scores = jnp.where(pruned[k], -jnp.inf, scores)
-        keep[k] = binarize(
-            scores, request.sparsity, request.pattern, group=group, tiebreak=tiebreak
-        )
+        fixed = None if pruned is None else pruned[k]
+        keep[k] = _round(masks[k], w, stats, opts, request.sparsity, request.pattern, group, fixed)
         new[k] = (
             sparsegpt_reconstruct(w, stats, keep[k])
             if opts.update == "sparsegpt"
