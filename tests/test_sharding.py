@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from tiny_run import TINY_FLAGS, jaxprune, tiny_config, write_tiny_data, write_tiny_model
+from tiny_run import QK_LAYER, TINY_FLAGS, jaxprune, tiny_config, write_tiny_data, write_tiny_model
+from tiny_run import qk_layer_problem as layer_problem
 
 from jaxprune import sharding
 from jaxprune.config import replace
 from jaxprune.methods import softmax_layers, softmax_solve
 from jaxprune.methods.softmax_layers import prune_qk_softmax_layers
 from jaxprune.methods.softmax_solve import _mask_loss, prune_qk_softmax, solve_setup
-from jaxprune.methods.stats import init_stats, update_stats
 from jaxprune.models.llama import Llama
 from jaxprune.models.spec import AttentionSpec
 from jaxprune.pipeline import PruneConfig, calibration_chunks, prune_model, request_for
@@ -36,8 +36,7 @@ pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 2, reason="needs the two CPU devices that tests/conftest.py forces"
 )
 
-# One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
-D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
+D, H, G, DH, B, N = QK_LAYER
 SHAPE = dict(spec=AttentionSpec(H, G, DH, 1e4))
 # The weight update after rounding is split like the mask solve; most tests here leave it out
 # for speed, and test_heads_sharded_prune_matches_one_device includes it once.
@@ -49,17 +48,6 @@ CFG = replace(
 def args(cfg):
     """The softmax-aware solve's ``(request, options)`` for a run config."""
     return request_for(cfg), cfg.softmax
-
-
-def layer_problem(seed):
-    """Random q/k kernels (scaled so the attention is far from uniform), inputs and stats."""
-    rng = np.random.default_rng(seed)
-    weights = {
-        "q": jnp.asarray(rng.normal(size=(D, H * DH)) * 3 / np.sqrt(D), jnp.float32),
-        "k": jnp.asarray(rng.normal(size=(D, G * DH)) * 3 / np.sqrt(D), jnp.float32),
-    }
-    x = jnp.asarray(rng.normal(size=(B, N, D)), jnp.float32)
-    return weights, x, update_stats(init_stats(D), x)
 
 
 def recording(module, monkeypatch):

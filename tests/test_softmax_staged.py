@@ -7,18 +7,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_run import QK_LAYER, qk_layer_problem
 
 from jaxprune.config import replace
 from jaxprune.masks import binarize
 from jaxprune.methods.softmax_solve import _mask_loss, prune_qk_softmax, solve_options, solve_setup
-from jaxprune.methods.stats import init_stats, update_stats
 from jaxprune.methods.wanda import wanda_scores
 from jaxprune.models.spec import AttentionSpec
 from jaxprune.pipeline import PruneConfig, request_for
 from jaxprune.solvers import solve_masks
 
-# One layer: d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
-D, H, G, DH, B, N = 32, 4, 2, 8, 2, 16
+D, H, G, DH, B, N = QK_LAYER
 SPEC = AttentionSpec(H, G, DH, 1e4)
 
 
@@ -29,16 +28,6 @@ def config(**softmax):
         softmax={"steps": 12, "update": "none", **softmax},
         progress=False,
     )
-
-
-def layer_problem(seed=0):
-    rng = np.random.default_rng(seed)
-    weights = {
-        "q": jnp.asarray(rng.normal(size=(D, H * DH)) * 3 / np.sqrt(D), jnp.float32),
-        "k": jnp.asarray(rng.normal(size=(D, G * DH)) * 3 / np.sqrt(D), jnp.float32),
-    }
-    x = jnp.asarray(rng.normal(size=(B, N, D)), jnp.float32)
-    return weights, x, update_stats(init_stats(D), x)
 
 
 def by_hand(weights, x, stats, cfg):
@@ -71,7 +60,7 @@ def by_hand(weights, x, stats, cfg):
 
 
 def test_two_stages_fix_the_first_rounding_and_resolve_without_those_weights():
-    weights, x, stats = layer_problem()
+    weights, x, stats = qk_layer_problem(0)
     cfg = config(stages=2)
     new, keep, _ = prune_qk_softmax(
         weights, x, stats, request_for(cfg), cfg.softmax, spec=SPEC, progress=False

@@ -171,3 +171,25 @@ def prune_attention_of(model, method: str, tokens) -> dict:
             keep = np.asarray(keep)
             assert np.all(np.asarray(kernels[name][...])[~keep] == 0), (li, name)
     return report
+
+
+# One attention layer of the q/k solve tests (d, query heads, key/value heads, head width,
+# sequences, tokens): d 32, 4 query heads and 2 key/value heads of 8, 2 sequences of 16 tokens.
+QK_LAYER = (32, 4, 2, 8, 2, 16)
+
+
+def qk_layer_problem(seed):
+    """Random q/k kernels of :data:`QK_LAYER` (scaled so the attention is far from uniform),
+    inputs and their stats."""
+    import jax.numpy as jnp
+
+    from jaxprune.methods.stats import init_stats, update_stats
+
+    d, h, g, dh, b, n = QK_LAYER
+    rng = np.random.default_rng(seed)
+    weights = {
+        "q": jnp.asarray(rng.normal(size=(d, h * dh)) * 3 / np.sqrt(d), jnp.float32),
+        "k": jnp.asarray(rng.normal(size=(d, g * dh)) * 3 / np.sqrt(d), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+    return weights, x, update_stats(init_stats(d), x)
