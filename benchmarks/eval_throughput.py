@@ -13,6 +13,7 @@ machine load hits both alike; the median of each is reported with the ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -53,6 +54,25 @@ def _unblocked_nll():
             return model_lib._token_nll(nnx.merge(graphdef, state), tokens)
         finally:
             model_lib.QUERY_BLOCK, model_lib.NLL_CHUNK = saved
+
+    return jax.jit(nll, static_argnums=0)
+
+
+def _xla_attention_nll():
+    """The NLL with XLA's blocked attention instead of the fused CPU kernel, for a side-by-side
+    comparison (the choice is read when the function is traced)."""
+    from jaxprune.models import llama as model_lib
+
+    def nll(graphdef, state, tokens):
+        saved = os.environ.get("JAXPRUNE_ATTENTION")
+        os.environ["JAXPRUNE_ATTENTION"] = "xla"
+        try:
+            return model_lib._token_nll(nnx.merge(graphdef, state), tokens)
+        finally:
+            if saved is None:
+                del os.environ["JAXPRUNE_ATTENTION"]
+            else:
+                os.environ["JAXPRUNE_ATTENTION"] = saved
 
     return jax.jit(nll, static_argnums=0)
 
@@ -159,13 +179,21 @@ def main() -> None:
     direct = _unblocked_nll() if args.unblocked else None
     if direct is not None:
         _time_ours(graphdef, state, ours_batches[:1], direct)
-    ours_s, torch_s, direct_s, dot_flops = [], [], [], []
+    from jaxprune.kernels import causal_attention as fused
+
+    probe = jnp.zeros((1, 1, 1, 1, config.head_dim), jnp.float32)
+    xla = _xla_attention_nll() if fused.applies(probe, None) else None
+    if xla is not None:
+        _time_ours(graphdef, state, ours_batches[:1], xla)
+    ours_s, torch_s, direct_s, xla_s, dot_flops = [], [], [], [], []
     for _ in range(args.repeats):
         ours_s.append(_time_ours(graphdef, state, ours_batches)[0])
         torch_s.append(_time_torch(hf, torch_batches)[0])
         dot_flops.append(_time_matmul())
         if direct is not None:
             direct_s.append(_time_ours(graphdef, state, ours_batches, direct)[0])
+        if xla is not None:
+            xla_s.append(_time_ours(graphdef, state, ours_batches, xla)[0])
 
     ours_tps = tokens / statistics.median(ours_s)
     torch_tps = tokens / statistics.median(torch_s)
@@ -178,6 +206,8 @@ def main() -> None:
         f"jax backend: {jax.default_backend()} ({jax.device_count()} device(s)); "
         f"torch threads: {torch.get_num_threads()}"
     )
+    attention = "fused CPU kernel" if xla is not None else "XLA (JAXPRUNE_ATTENTION or no kernel)"
+    print(f"jaxprune attention: {attention}")
     print(f"first-batch NLL sum: jaxprune {nll_ours:.3f}, transformers {nll_torch:.3f}")
     for name, tps, times in (
         ("jaxprune (JAX)", ours_tps, ours_s),
@@ -202,6 +232,11 @@ def main() -> None:
         direct_tps = tokens / statistics.median(direct_s)
         print(f"{'jaxprune unblocked':22s} {direct_tps:10.1f} tokens/s")
         print(f"ratio blocked / unblocked: {ours_tps / direct_tps:.2f}")
+    if xla_s:
+        xla_tps = tokens / statistics.median(xla_s)
+        print(f"{'jaxprune XLA attention':22s} {xla_tps:10.1f} tokens/s")
+        print(f"ratio XLA attention / transformers: {xla_tps / torch_tps:.2f}")
+        print(f"ratio fused / XLA attention: {ours_tps / xla_tps:.2f}")
 
 
 if __name__ == "__main__":

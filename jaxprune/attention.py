@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxprune.kernels import causal_attention as fused
+
 
 def causal_mask(n: int) -> jax.Array:
     """Boolean ``(n, n)`` lower-triangular mask ``C`` (a token attends to itself and the past)."""
@@ -115,6 +117,7 @@ def blocked_causal_attention(
     scale_logits: Callable[[jax.Array], jax.Array],
     window: int | None = None,
     block: int = 512,
+    logit_scale: float | None = None,
 ) -> Float[Array, "b t hdh"]:
     """Causal attention of grouped query heads, ``(b, t, g * r * dh)`` (query head ``i`` of key
     group ``i // r``, group-major, as ``o_proj`` reads them). ``scale_logits`` scales the
@@ -127,7 +130,26 @@ def blocked_causal_attention(
     in ``t``. In float32 each block is two batched matmuls over the ``b * g`` key groups (a
     group's query heads and the block's rows on one axis), normalised after the second; in lower
     precisions it follows transformers' order of roundings.
+
+    On a CPU, float32 attention whose ``scale_logits`` is a plain multiplication by
+    ``logit_scale`` runs in the fused kernel of :mod:`jaxprune.kernels.causal_attention` (one
+    tile's scores stay in cache between the two matmuls), unless ``JAXPRUNE_ATTENTION=xla``.
+    Its derivatives are this function's.
     """
+    if logit_scale is not None and fused.applies(q, window):
+        return fused.causal_attention(
+            q,
+            k,
+            v,
+            logit_scale,
+            window,
+            lambda q, k, v: _dispatch(q, k, v, scale_logits, window, block),
+        )
+    return _dispatch(q, k, v, scale_logits, window, block)
+
+
+def _dispatch(q, k, v, scale_logits, window, block):
+    """The pure-JAX blocked attention, one sequence at a time on a CPU."""
     if q.shape[0] > 1 and jax.default_backend() == "cpu":
         # On a CPU the scores of one sequence's block stay cache-sized; a batch in one matmul
         # spills them (4 x 2048 tokens: 1.13x faster one sequence at a time). Accelerators keep

@@ -408,7 +408,13 @@ class Attention(nnx.Module):
         """
         q, k, v = self._qkv(x, cos, sin)
         out = blocked_causal_attention(
-            q, k, v, scale_logits=self._scale, window=self.window, block=QUERY_BLOCK
+            q,
+            k,
+            v,
+            scale_logits=self._scale,
+            window=self.window,
+            block=QUERY_BLOCK,
+            logit_scale=self.query_scale,
         )
         return self.o_proj(out), out
 

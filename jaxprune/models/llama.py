@@ -333,7 +333,13 @@ class Attention(nnx.Module):
         """
         q, k, v = self._qkv(x, cos, sin)
         out = blocked_causal_attention(
-            q, k, v, scale_logits=self._scale, window=self.window, block=QUERY_BLOCK
+            q,
+            k,
+            v,
+            scale_logits=self._scale,
+            window=self.window,
+            block=QUERY_BLOCK,
+            logit_scale=1 / math.sqrt(self.head_dim),
         )
         return self.o_proj(out), out
 

@@ -1,0 +1,278 @@
+// Fused causal attention of grouped query heads for XLA on CPU (float32), as a jax.ffi target.
+//
+// XLA on CPU writes every elementwise pass of a softmax (mask, row maximum, exp, row sum) to
+// memory; this kernel keeps one tile's scores in cache between its two matmuls, as PyTorch's
+// CPU kernel does. The maths is jaxprune.attention's float32 block: logits scaled, masked
+// (causal, optionally a sliding window), row maximum subtracted, exp, then P V divided by the
+// row sums after the second matmul.
+//
+// Layouts (row-major): q (b, g, r, t, dh); k, v (b, g, t, dh); out (b, t, g * r * dh).
+// The matmuls and exp use GCC/Clang vector extensions, so the compiler picks the widest
+// registers the machine has (built with -march=native on the machine that runs it).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+constexpr int kTileRows = 64;  // query tokens per work item (per head: 64 x keys scores)
+constexpr int kRowsS = 6;      // register block of the score matmul: 6 rows x 32 keys
+constexpr int kColsS = 2 * kLanes;
+constexpr int kRowsPV = 4;     // register block of P V: 4 rows x 64 head dims
+
+inline vf load(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(vf));
+  return x;
+}
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+inline vf splat(float a) {
+  // x * 1 is exactly x, so the compiler folds this to a broadcast (vf{} + a is not: -0.0).
+  const vf one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  return one * a;
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum): 2^n * p(f), n = round(x / ln 2),
+// f = x - n ln 2 (two-part ln 2), p a degree-6 Taylor polynomial; relative error ~2e-7.
+// Below -87 the result is flushed to 0 (float32's exp is denormal or 0 there).
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.0f);
+  vi dead = x < lo;
+  x = x < lo ? lo : x;
+  vf t = x * splat(1.44269504088896341f) - splat(0.5f);
+  vi n = __builtin_convertvector(t, vi);  // truncation of t - 0.5: round to nearest for t <= 0
+  vf nf = __builtin_convertvector(n, vf);
+  vf f = x - nf * splat(0.693145751953125f) - nf * splat(1.428606765330187e-06f);
+  vf p = splat(1.0f / 720.0f);
+  p = p * f + splat(1.0f / 120.0f);
+  p = p * f + splat(1.0f / 24.0f);
+  p = p * f + splat(1.0f / 6.0f);
+  p = p * f + splat(0.5f);
+  p = p * f + splat(1.0f);
+  p = p * f + splat(1.0f);
+  vi bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
+  vf out = p * scale;
+  return dead ? splat(0.0f) : out;
+}
+
+struct Shape {
+  int64_t b, g, r, t, dh;
+};
+
+// One register block of the score matmul: NR rows x kColsS keys, from a packed key block
+// kb (dh, kColsS) (contiguous, so its rows never collide in the L1 cache).
+template <int NR>
+inline void scores_block(const float* q, int i0, const float* kb, int dh, float scale, float* s,
+                         int ldS) {
+  const float* qa[NR];
+  for (int a = 0; a < NR; ++a) qa[a] = q + (i0 + a) * dh;
+  vf acc[NR][2] = {};
+  for (int d = 0; d < dh; ++d) {
+    const vf k0 = load(kb + d * kColsS);
+    const vf k1 = load(kb + d * kColsS + kLanes);
+    for (int a = 0; a < NR; ++a) {
+      const vf x = splat(qa[a][d]);
+      acc[a][0] += x * k0;
+      acc[a][1] += x * k1;
+    }
+  }
+  for (int a = 0; a < NR; ++a) {
+    store(s + (i0 + a) * ldS, acc[a][0] * splat(scale));
+    store(s + (i0 + a) * ldS + kLanes, acc[a][1] * splat(scale));
+  }
+}
+
+// Scores of `rows` query rows (row-major, stride dh) against the m keys (a multiple of
+// kColsS) of a packed key panel kp (m / kColsS blocks of (dh, kColsS)): s (rows, ldS).
+void scores(const float* q, int rows, const float* kp, int m, int dh, float scale, float* s,
+            int ldS) {
+  for (int j0 = 0; j0 < m; j0 += kColsS) {
+    const float* kb = kp + static_cast<int64_t>(j0) * dh;
+    int i0 = 0;
+    for (; i0 + kRowsS <= rows; i0 += kRowsS)
+      scores_block<kRowsS>(q, i0, kb, dh, scale, s + j0, ldS);
+    for (; i0 < rows; ++i0) scores_block<1>(q, i0, kb, dh, scale, s + j0, ldS);
+  }
+}
+
+// Row i (key position pos) keeps keys [lo, pos]; the rest of its m_padded entries become 0.
+// Returns the row sum. m_padded is a multiple of kLanes and > pos.
+float softmax_row(float* s, int64_t lo, int64_t pos, int m_padded) {
+  const float neg = -std::numeric_limits<float>::infinity();
+  const int64_t begin = lo / kLanes * kLanes;
+  vi iota;
+  for (int l = 0; l < kLanes; ++l) iota[l] = l;
+  const int64_t end = pos + 1;
+  vf vmax = splat(neg);
+  for (int64_t j = begin; j < end; j += kLanes) {
+    const vi idx = iota + static_cast<int32_t>(j);
+    const vi keep = (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(end));
+    const vf x = keep ? load(s + j) : splat(neg);
+    vmax = x > vmax ? x : vmax;
+  }
+  float mx = neg;
+  for (int l = 0; l < kLanes; ++l) mx = std::max(mx, vmax[l]);
+  std::fill(s, s + begin, 0.0f);
+  int64_t j = begin;
+  vf sum = {};
+  for (; j < end; j += kLanes) {
+    const vi idx = iota + static_cast<int32_t>(j);
+    const vi keep = (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(end));
+    const vf e = exp_nonpositive(load(s + j) - splat(mx));
+    const vf kept = keep ? e : splat(0.0f);
+    store(s + j, kept);
+    sum += kept;
+  }
+  std::fill(s + j, s + m_padded, 0.0f);
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  return total;
+}
+
+// One register block of P V: NR rows x (NC * kLanes) head dims from column c0.
+template <int NR, int NC>
+inline void pv_block(const float* p, int i0, int ldp, const float* v, int m, int dh, int c0,
+                     const float* sums, float* out, int64_t ldo) {
+  const float* pa[NR];
+  for (int a = 0; a < NR; ++a) pa[a] = p + (i0 + a) * ldp;
+  vf acc[NR][NC] = {};
+  const float* vj = v + c0;
+  for (int j = 0; j < m; ++j, vj += dh) {
+    vf vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load(vj + c * kLanes);
+    for (int a = 0; a < NR; ++a) {
+      const vf x = splat(pa[a][j]);
+      for (int c = 0; c < NC; ++c) acc[a][c] += x * vv[c];
+    }
+  }
+  for (int a = 0; a < NR; ++a) {
+    const vf inv = splat(1.0f / sums[i0 + a]);
+    for (int c = 0; c < NC; ++c) store(out + (i0 + a) * ldo + c0 + c * kLanes, acc[a][c] * inv);
+  }
+}
+
+// out rows (stride ldo) = p (rows, ldp) v (m, dh) / sums, over keys [0, m).
+void probs_values(const float* p, int rows, int ldp, const float* v, int m, int dh,
+                  const float* sums, float* out, int64_t ldo) {
+  int c0 = 0;
+  for (; c0 + 4 * kLanes <= dh; c0 += 4 * kLanes) {
+    int i0 = 0;
+    for (; i0 + kRowsPV <= rows; i0 += kRowsPV)
+      pv_block<kRowsPV, 4>(p, i0, ldp, v, m, dh, c0, sums, out, ldo);
+    for (; i0 < rows; ++i0) pv_block<1, 4>(p, i0, ldp, v, m, dh, c0, sums, out, ldo);
+  }
+  for (; c0 < dh; c0 += kLanes) {
+    int i0 = 0;
+    for (; i0 + kRowsPV <= rows; i0 += kRowsPV)
+      pv_block<kRowsPV, 1>(p, i0, ldp, v, m, dh, c0, sums, out, ldo);
+    for (; i0 < rows; ++i0) pv_block<1, 1>(p, i0, ldp, v, m, dh, c0, sums, out, ldo);
+  }
+}
+
+template <typename Fn>
+void parallel_for(int64_t n, int threads, Fn fn) {
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t i = next++; i < n; i = next++) fn(i);
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < threads; ++w) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+}
+
+ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                               ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                               float scale, int64_t window, int64_t threads) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (qd.size() != 5 || kd.size() != 4) {
+    return ffi::Error::InvalidArgument("causal_attention: q must be 5-d and k, v 4-d");
+  }
+  const Shape sh{qd[0], qd[1], qd[2], qd[3], qd[4]};
+  if (kd[0] != sh.b || kd[1] != sh.g || kd[2] != sh.t || kd[3] != sh.dh || sh.dh % kLanes) {
+    return ffi::Error::InvalidArgument("causal_attention: shapes disagree or dh % 16 != 0");
+  }
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  float* op = out->typed_data();
+  const int dh = static_cast<int>(sh.dh);
+  const int64_t ld = (sh.t + kColsS - 1) / kColsS * kColsS;  // padded key count
+  int nthreads = threads > 0 ? static_cast<int>(threads)
+                             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+
+  // Phase 1: each group's keys packed in blocks of kColsS keys, each block (dh, kColsS),
+  // zero-padded to ld keys.
+  std::vector<float> kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
+  parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg) {
+    const float* src = kp + bg * sh.t * sh.dh;
+    float* dst = kpacked.data() + bg * ld * sh.dh;
+    for (int64_t j = 0; j < sh.t; ++j) {
+      float* block = dst + (j / kColsS) * kColsS * dh + j % kColsS;
+      for (int d = 0; d < dh; ++d) block[d * kColsS] = src[j * dh + d];
+    }
+  });
+
+  // Phase 2: work items (b, g, tile), the longest tiles (most keys) first. A tile's key panel
+  // starts at its first visible key rounded down to a block; keys before it are masked.
+  const int64_t tiles = (sh.t + kTileRows - 1) / kTileRows;
+  const int64_t hdh = sh.g * sh.r * sh.dh;
+  parallel_for(sh.b * sh.g * tiles, nthreads, [&](int64_t item) {
+    const int64_t tile = tiles - 1 - item % tiles;
+    const int64_t bg = item / tiles;
+    const int64_t bi = bg / sh.g, gi = bg % sh.g;
+    const int64_t start = tile * kTileRows;
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.t - start));
+    const int64_t end = start + rows;
+    const int64_t visible = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0;
+    const int64_t first = visible / kColsS * kColsS;  // the panel: keys [first, end)
+    const int m = static_cast<int>(end - first);
+    const int mpad = (m + kColsS - 1) / kColsS * kColsS;  // first + mpad <= ld
+    thread_local std::vector<float> s, sums;
+    s.resize(static_cast<size_t>(rows) * mpad);
+    sums.resize(rows);
+    const float* panel = kpacked.data() + (bg * ld + first) * sh.dh;
+    const float* vpanel = vp + (bg * sh.t + first) * sh.dh;
+    for (int64_t a = 0; a < sh.r; ++a) {
+      const float* qrows = qp + ((bg * sh.r + a) * sh.t + start) * sh.dh;
+      scores(qrows, rows, panel, mpad, dh, scale, s.data(), mpad);
+      for (int i = 0; i < rows; ++i) {
+        const int64_t pos = start + i - first;  // the row's own key in the panel
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+        sums[i] = softmax_row(s.data() + static_cast<size_t>(i) * mpad, lo, pos, mpad);
+      }
+      float* orows = op + (bi * sh.t + start) * hdh + (gi * sh.r + a) * sh.dh;
+      probs_values(s.data(), rows, mpad, vpanel, m, dh, sums.data(), orows, hdh);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneCausalAttention, CausalAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("threads"));
