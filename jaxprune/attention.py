@@ -133,7 +133,7 @@ def blocked_causal_attention(
 
     On a CPU, float32 attention whose ``scale_logits`` is a plain multiplication by
     ``logit_scale`` runs in the fused kernel of :mod:`jaxprune.kernels.causal_attention` (one
-    tile's scores stay in cache between the two matmuls), unless ``JAXPRUNE_ATTENTION=xla``.
+    tile's scores stay in cache between the two matmuls), unless ``JAXPRUNE_CPU_KERNELS=xla``.
     Its derivatives are this function's.
     """
     if logit_scale is not None and fused.applies(q, window):

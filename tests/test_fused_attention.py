@@ -13,7 +13,7 @@ from flax import nnx
 from tiny_run import tiny_config
 
 from jaxprune import attention
-from jaxprune.kernels import build
+from jaxprune.kernels import build, loading
 from jaxprune.kernels import causal_attention as fused
 from jaxprune.models import llama as model_lib
 from jaxprune.models.llama import Llama
@@ -46,9 +46,9 @@ def _both(q, k, v, window, monkeypatch):
             logit_scale=1 / math.sqrt(dh),
         )
 
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "fused")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fused")
     out_fused = jax.jit(run)()
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "xla")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "xla")
     out_xla = jax.jit(run)()
     return out_fused, out_xla
 
@@ -73,7 +73,7 @@ def test_fused_attention_equals_xla(shape, window, monkeypatch):
 
 def test_fused_attention_is_used_only_where_it_applies(monkeypatch):
     """The kernel is in the graph on a CPU in float32; bfloat16, head sizes that are not a
-    multiple of 16, a scale the kernel is not told, and JAXPRUNE_ATTENTION=xla keep XLA's."""
+    multiple of 16, a scale the kernel is not told, and JAXPRUNE_CPU_KERNELS=xla keep XLA's."""
 
     def uses_kernel(q, k, v, logit_scale=0.125):
         fn = lambda q, k, v: attention.blocked_causal_attention(  # noqa: E731
@@ -81,13 +81,13 @@ def test_fused_attention_is_used_only_where_it_applies(monkeypatch):
         )
         return fused.TARGET in str(jax.make_jaxpr(fn)(q, k, v))
 
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "auto")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "auto")
     q, k, v = _qkv(1, 1, 2, 40, 32)
     assert uses_kernel(q, k, v)
     assert not uses_kernel(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
     assert not uses_kernel(*_qkv(1, 1, 2, 40, 24))
     assert not uses_kernel(q, k, v, logit_scale=None)
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "xla")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "xla")
     assert not uses_kernel(q, k, v)
 
 
@@ -101,9 +101,9 @@ def test_fused_attention_gradients_are_xlas(monkeypatch):
         )
         return jnp.sum(out * weights)
 
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "fused")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fused")
     grads_fused = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "xla")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "xla")
     grads_xla = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(grads_fused, grads_xla, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -112,7 +112,7 @@ def test_fused_attention_gradients_are_xlas(monkeypatch):
 def test_fused_attention_under_vmap(monkeypatch):
     """vmap (over layers, say) runs the kernel once per mapped element."""
     q, k, v = _qkv(3, 1, 2, 50, 16, seed=3)
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "fused")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fused")
 
     def one(q, k, v):
         return attention.blocked_causal_attention(
@@ -120,7 +120,7 @@ def test_fused_attention_under_vmap(monkeypatch):
         )[0]
 
     mapped = jax.vmap(one)(q, k, v)
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "xla")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "xla")
     np.testing.assert_allclose(mapped, jax.vmap(one)(q, k, v), rtol=1e-5, atol=2e-5)
 
 
@@ -133,20 +133,20 @@ def test_model_forward_is_the_same_with_either_attention(monkeypatch):
     def nll(state):
         return model_lib._token_nll(nnx.merge(graphdef, state), tokens)
 
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "fused")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fused")
     assert fused.TARGET in str(jax.make_jaxpr(nll)(state))
     out_fused = jax.jit(nll)(state)
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "xla")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "xla")
     out_xla = jax.jit(nll)(state)
     np.testing.assert_allclose(out_fused, out_xla, rtol=1e-5, atol=1e-5)
 
 
 def test_a_bad_attention_setting_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("JAXPRUNE_ATTENTION", "fast")
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fast")
     with pytest.raises(
-        ValueError, match="JAXPRUNE_ATTENTION='fast' is not one of auto, fused, xla"
+        ValueError, match="JAXPRUNE_CPU_KERNELS='fast' is not one of auto, fused, xla"
     ):
-        fused.choice()
+        loading.choice()
 
 
 def test_a_failed_build_names_the_compiler_and_its_error(tmp_path, monkeypatch):

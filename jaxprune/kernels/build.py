@@ -37,7 +37,8 @@ def compiler() -> str | None:
 def build(source: Path) -> Path:
     """The shared library of ``source``, compiled now unless a cached build matches.
 
-    The cache key covers the source, the flags, the compiler, the JAX headers and the machine
+    The cache key covers the source and the headers beside it, the flags, the compiler, the JAX
+    headers' path and the machine
     (``-march=native`` code runs only where it was built). A build is written to a temporary
     name and renamed into place, so concurrent processes never load a half-written library.
 
@@ -49,8 +50,11 @@ def build(source: Path) -> Path:
         raise KernelBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(), include.encode()):
-        key.update(part)
+    headers = sorted(source.parent.glob("*.h"))
+    for part in (source, *headers):
+        key.update(part.read_bytes())
+    for part in (" ".join(FLAGS), cxx, include):
+        key.update(part.encode())
     key.update(platform.machine().encode() + platform.node().encode() + _cpu_flags().encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -58,7 +62,7 @@ def build(source: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", str(out)]
+        cmd = [cxx, *FLAGS, f"-I{include}", f"-I{source.parent}", str(source), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise KernelBuildError(

@@ -7,69 +7,28 @@
 // row sums after the second matmul.
 //
 // Layouts (row-major): q (b, g, r, t, dh); k, v (b, g, t, dh); out (b, t, g * r * dh).
-// The matmuls and exp use GCC/Clang vector extensions, so the compiler picks the widest
-// registers the machine has (built with -march=native on the machine that runs it).
+// The vector helpers (simd.h) are GCC/Clang vector extensions, compiled with -march=native on
+// the machine that runs them.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <thread>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using namespace jaxprune_simd;
 
 constexpr int kTileRows = 64;  // query tokens per work item (per head: 64 x keys scores)
 constexpr int kRowsS = 6;      // register block of the score matmul: 6 rows x 32 keys
 constexpr int kColsS = 2 * kLanes;
 constexpr int kRowsPV = 4;     // register block of P V: 4 rows x 64 head dims
-
-inline vf load(const float* p) {
-  vf x;
-  std::memcpy(&x, p, sizeof(vf));
-  return x;
-}
-inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
-inline vf splat(float a) {
-  // x * 1 is exactly x, so the compiler folds this to a broadcast (vf{} + a is not: -0.0).
-  const vf one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-  return one * a;
-}
-
-// exp(x) for x <= 0 (scores minus their row maximum): 2^n * p(f), n = round(x / ln 2),
-// f = x - n ln 2 (two-part ln 2), p a degree-6 Taylor polynomial; relative error ~2e-7.
-// Below -87 the result is flushed to 0 (float32's exp is denormal or 0 there).
-inline vf exp_nonpositive(vf x) {
-  const vf lo = splat(-87.0f);
-  vi dead = x < lo;
-  x = x < lo ? lo : x;
-  vf t = x * splat(1.44269504088896341f) - splat(0.5f);
-  vi n = __builtin_convertvector(t, vi);  // truncation of t - 0.5: round to nearest for t <= 0
-  vf nf = __builtin_convertvector(n, vf);
-  vf f = x - nf * splat(0.693145751953125f) - nf * splat(1.428606765330187e-06f);
-  vf p = splat(1.0f / 720.0f);
-  p = p * f + splat(1.0f / 120.0f);
-  p = p * f + splat(1.0f / 24.0f);
-  p = p * f + splat(1.0f / 6.0f);
-  p = p * f + splat(0.5f);
-  p = p * f + splat(1.0f);
-  p = p * f + splat(1.0f);
-  vi bits = (n + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(vf));
-  vf out = p * scale;
-  return dead ? splat(0.0f) : out;
-}
 
 struct Shape {
   int64_t b, g, r, t, dh;
@@ -185,18 +144,6 @@ void probs_values(const float* p, int rows, int ldp, const float* v, int m, int 
   }
 }
 
-template <typename Fn>
-void parallel_for(int64_t n, int threads, Fn fn) {
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    for (int64_t i = next++; i < n; i = next++) fn(i);
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
-}
-
 ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                                float scale, int64_t window, int64_t threads) {
@@ -221,7 +168,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   // Phase 1: each group's keys packed in blocks of kColsS keys, each block (dh, kColsS),
   // zero-padded to ld keys.
   std::vector<float> kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
-  parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg) {
+  parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg, int) {
     const float* src = kp + bg * sh.t * sh.dh;
     float* dst = kpacked.data() + bg * ld * sh.dh;
     for (int64_t j = 0; j < sh.t; ++j) {
@@ -234,7 +181,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   // starts at its first visible key rounded down to a block; keys before it are masked.
   const int64_t tiles = (sh.t + kTileRows - 1) / kTileRows;
   const int64_t hdh = sh.g * sh.r * sh.dh;
-  parallel_for(sh.b * sh.g * tiles, nthreads, [&](int64_t item) {
+  parallel_for(sh.b * sh.g * tiles, nthreads, [&](int64_t item, int) {
     const int64_t tile = tiles - 1 - item % tiles;
     const int64_t bg = item / tiles;
     const int64_t bi = bg / sh.g, gi = bg % sh.g;

@@ -31,6 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import blocked_causal_attention, grouped_probs
+from jaxprune.kernels import head_nll as fused_head
 from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
@@ -524,11 +525,37 @@ def _token_nll(model: Llama, tokens: Int[Array, "b t"]) -> Float[Array, "b t-1"]
 def head_nll(model, h: Float[Array, "b t d"], tokens: Int[Array, "b t"]) -> Float[Array, "b t-1"]:
     """Next-token NLLs ``(b, t-1)`` of ``tokens`` from the residual stream ``h`` after the last
     layer: the model's final norm and head, in chunks of tokens, so (chunk, vocab) logits exist
-    at a time instead of (t, vocab)."""
+    at a time instead of (t, vocab). On a CPU in float32 the head and the NLL run in the fused
+    kernel of :mod:`jaxprune.kernels.head_nll` (no logits are written), unless
+    ``JAXPRUNE_CPU_KERNELS=xla``; its derivatives are the chunked computation's."""
     h, targets = h[:, :-1], tokens[:, 1:]
+    weight = head_weight(model)
+    if weight is not None and fused_head.applies(h, weight):
+        b, t, d = h.shape
+        flat = targets.reshape(b * t)
+        normed = model.norm(h).reshape(b * t, d)
+        reference = lambda normed, weight: _chunked_nll(  # noqa: E731
+            lambda x: x @ weight.T, normed[None], flat[None]
+        )[0]
+        return fused_head.head_nll(normed, weight, flat, reference).reshape(b, t)
+    return _chunked_nll(model.head, h, targets)
+
+
+def head_weight(model) -> jax.Array | None:
+    """The output head as ``(vocab, d)`` (the tied embedding table, or the head's kernel
+    transposed), or None for a head with a bias."""
+    if model.lm_head is None:
+        return model.embed_tokens.embedding[...]
+    if model.lm_head.bias is not None:
+        return None
+    return model.lm_head.kernel[...].T
+
+
+def _chunked_nll(head, h, targets):
+    """NLLs from ``head`` (hidden states to logits) in chunks of ``NLL_CHUNK`` tokens."""
     out = []
     for start in range(0, h.shape[1], NLL_CHUNK):
-        logits = model.head(h[:, start : start + NLL_CHUNK]).astype(jnp.float32)
+        logits = head(h[:, start : start + NLL_CHUNK]).astype(jnp.float32)
         tgt = targets[:, start : start + NLL_CHUNK, None]
         picked = jnp.take_along_axis(logits, tgt, axis=-1)[..., 0]
         out.append(jax.nn.logsumexp(logits, axis=-1) - picked)

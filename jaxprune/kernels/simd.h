@@ -1,0 +1,69 @@
+// Vector helpers shared by the CPU kernels: 16-lane float vectors (GCC/Clang vector
+// extensions: the compiler maps them onto the widest registers of -march=native), a fast exp of
+// non-positive arguments, and a dynamic parallel loop over work items.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace jaxprune_simd {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vf load(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(vf));
+  return x;
+}
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+inline vf splat(float a) {
+  // x * 1 is exactly x, so the compiler folds this to a broadcast (vf{} + a is not: -0.0).
+  const vf one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  return one * a;
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum): 2^n * p(f), n = round(x / ln 2),
+// f = x - n ln 2 (two-part ln 2), p a degree-6 Taylor polynomial; relative error ~2e-7.
+// Below -87 the result is flushed to 0 (float32's exp is denormal or 0 there).
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.0f);
+  vi dead = x < lo;
+  x = x < lo ? lo : x;
+  vf t = x * splat(1.44269504088896341f) - splat(0.5f);
+  vi n = __builtin_convertvector(t, vi);  // truncation of t - 0.5: round to nearest for t <= 0
+  vf nf = __builtin_convertvector(n, vf);
+  vf f = x - nf * splat(0.693145751953125f) - nf * splat(1.428606765330187e-06f);
+  vf p = splat(1.0f / 720.0f);
+  p = p * f + splat(1.0f / 120.0f);
+  p = p * f + splat(1.0f / 24.0f);
+  p = p * f + splat(1.0f / 6.0f);
+  p = p * f + splat(0.5f);
+  p = p * f + splat(1.0f);
+  p = p * f + splat(1.0f);
+  vi bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
+  vf out = p * scale;
+  return dead ? splat(0.0f) : out;
+}
+
+// fn(item, worker) for items 0..n-1 on `threads` workers (this thread is worker 0), items taken
+// in order as each worker frees up.
+template <typename Fn>
+void parallel_for(int64_t n, int threads, Fn fn) {
+  std::atomic<int64_t> next{0};
+  auto work = [&](int worker) {
+    for (int64_t i = next++; i < n; i = next++) fn(i, worker);
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
+  work(0);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace jaxprune_simd
