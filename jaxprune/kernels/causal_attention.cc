@@ -28,7 +28,7 @@ using namespace jaxprune_simd;
 constexpr int kTileRows = 64;  // query tokens per work item (per head: 64 x keys scores)
 constexpr int kRowsS = 6;      // register block of the score matmul: 6 rows x 32 keys
 constexpr int kColsS = 2 * kLanes;
-constexpr int kRowsPV = 4;     // register block of P V: 4 rows x 64 head dims
+constexpr int kRowsPV = 6;     // register block of P V: 6 rows x 64 head dims
 
 struct Shape {
   int64_t b, g, r, t, dh;
@@ -70,35 +70,50 @@ void scores(const float* q, int rows, const float* kp, int m, int dh, float scal
   }
 }
 
+// Lanes j..j+15 of a row, those outside [lo, end) replaced by `fill`.
+inline vf load_within(const float* s, int64_t j, int64_t lo, int64_t end, float fill) {
+  vi lane;
+  for (int l = 0; l < kLanes; ++l) lane[l] = l;
+  const vi idx = lane + static_cast<int32_t>(j);
+  const vi keep = (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(end));
+  return keep ? load(s + j) : splat(fill);
+}
+
 // Row i (key position pos) keeps keys [lo, pos]; the rest of its m_padded entries become 0.
-// Returns the row sum. m_padded is a multiple of kLanes and > pos.
+// Returns the row sum. m_padded is a multiple of kLanes and > pos. Only the first and last
+// vectors of the kept range need a mask.
 float softmax_row(float* s, int64_t lo, int64_t pos, int m_padded) {
   const float neg = -std::numeric_limits<float>::infinity();
-  const int64_t begin = lo / kLanes * kLanes;
-  vi iota;
-  for (int l = 0; l < kLanes; ++l) iota[l] = l;
   const int64_t end = pos + 1;
-  vf vmax = splat(neg);
-  for (int64_t j = begin; j < end; j += kLanes) {
-    const vi idx = iota + static_cast<int32_t>(j);
-    const vi keep = (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(end));
-    const vf x = keep ? load(s + j) : splat(neg);
+  const int64_t first = lo / kLanes * kLanes;
+  const int64_t last = pos / kLanes * kLanes;  // first <= last
+  vf vmax = load_within(s, first, lo, end, neg);
+  for (int64_t j = first + kLanes; j < last; j += kLanes) {
+    const vf x = load(s + j);
     vmax = x > vmax ? x : vmax;
   }
+  const vf tail = load_within(s, last, lo, end, neg);
+  vmax = tail > vmax ? tail : vmax;
   float mx = neg;
   for (int l = 0; l < kLanes; ++l) mx = std::max(mx, vmax[l]);
-  std::fill(s, s + begin, 0.0f);
-  int64_t j = begin;
-  vf sum = {};
-  for (; j < end; j += kLanes) {
-    const vi idx = iota + static_cast<int32_t>(j);
-    const vi keep = (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(end));
-    const vf e = exp_nonpositive(load(s + j) - splat(mx));
-    const vf kept = keep ? e : splat(0.0f);
-    store(s + j, kept);
-    sum += kept;
+  const vf m = splat(mx);
+
+  std::fill(s, s + first, 0.0f);
+  // The edges: masked lanes load -inf, whose exp is 0.
+  const vf e_first = exp_nonpositive(load_within(s, first, lo, end, neg) - m);
+  vf sum = e_first;
+  for (int64_t j = first + kLanes; j < last; j += kLanes) {
+    const vf e = exp_nonpositive(load(s + j) - m);
+    store(s + j, e);
+    sum += e;
   }
-  std::fill(s + j, s + m_padded, 0.0f);
+  if (last != first) {
+    const vf e_last = exp_nonpositive(load_within(s, last, lo, end, neg) - m);
+    store(s + last, e_last);
+    sum += e_last;
+  }
+  store(s + first, e_first);
+  std::fill(s + last + kLanes, s + m_padded, 0.0f);
   float total = 0.0f;
   for (int l = 0; l < kLanes; ++l) total += sum[l];
   return total;
