@@ -56,6 +56,7 @@ bench: $(DEV)
 	$(PY) benchmarks/objective_step.py
 	$(PY) benchmarks/objective_memory.py
 	$(PY) benchmarks/eval_throughput.py --windows 2 --seq-len 2048 --batch-size 1 --repeats 2
+	$(PY) benchmarks/cpu_kernels.py
 
 docs: $(DEV)
 	$(MKDOCS)

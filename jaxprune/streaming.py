@@ -16,6 +16,7 @@ the activations of at most :data:`EVAL_ACTIVATION_BYTES` of evaluation windows w
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -49,6 +50,27 @@ _LAYER_FILE = re.compile(r"layer-(\d{5})\.safetensors")
 _MASK = "mask."
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give freed memory back to the system at once: allocations of 256 KiB or more
+    become their own mappings (unmapped when freed), and the heap is trimmed above 1 MiB free.
+
+    By default glibc raises its mapping threshold each time a large block is freed (up to
+    32 MiB), so a streaming run's per-layer arrays come to live on the heap, where freed memory
+    stays resident: on a 1.1B model its peak grew with every layer (1.15 GiB, 0.56 of the
+    bfloat16 file, against 0.83 GiB with these settings). Returns False where the C library is
+    not glibc (nothing is changed there)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 256 << 10) and mallopt(_M_TRIM_THRESHOLD, 1 << 20))
+
+
 def should_stream(stream: bool | str, threshold_gib: float, param_bytes: int) -> bool:
     """Whether a run streams: ``stream`` itself when true or false; for ``auto``, whether the
     model's float32 parameters exceed ``threshold_gib``."""
@@ -70,6 +92,7 @@ class StreamedLayers:
     in_memory = False
 
     def __init__(self, weights: LazyWeights, dtype=jnp.float32):
+        return_freed_memory()
         self.weights = weights
         self.config = weights.config
         self.dtype = dtype
