@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.attention import blocked_causal_attention
+from jaxprune.kernels import loading
 from jaxprune.models import llama as model_lib
 
 
@@ -25,15 +26,8 @@ def _compiled(fn, setting: str):
     """``fn`` jit-compiled with ``JAXPRUNE_CPU_KERNELS=setting`` (read while tracing)."""
 
     def traced(*args):
-        saved = os.environ.get("JAXPRUNE_CPU_KERNELS")
-        os.environ["JAXPRUNE_CPU_KERNELS"] = setting
-        try:
+        with loading.setting(setting):
             return fn(*args)
-        finally:
-            if saved is None:
-                del os.environ["JAXPRUNE_CPU_KERNELS"]
-            else:
-                os.environ["JAXPRUNE_CPU_KERNELS"] = saved
 
     return jax.jit(traced)
 

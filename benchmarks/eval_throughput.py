@@ -13,7 +13,6 @@ machine load hits both alike; the median of each is reported with the ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -61,18 +60,12 @@ def _unblocked_nll():
 def _xla_nll():
     """The NLL with XLA's blocked attention and chunked head instead of the fused CPU kernels,
     for a side-by-side comparison (the setting is read when the function is traced)."""
+    from jaxprune.kernels import loading
     from jaxprune.models import llama as model_lib
 
     def nll(graphdef, state, tokens):
-        saved = os.environ.get("JAXPRUNE_CPU_KERNELS")
-        os.environ["JAXPRUNE_CPU_KERNELS"] = "xla"
-        try:
+        with loading.setting("xla"):
             return model_lib._token_nll(nnx.merge(graphdef, state), tokens)
-        finally:
-            if saved is None:
-                del os.environ["JAXPRUNE_CPU_KERNELS"]
-            else:
-                os.environ["JAXPRUNE_CPU_KERNELS"] = saved
 
     return jax.jit(nll, static_argnums=0)
 

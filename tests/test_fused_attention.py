@@ -141,6 +141,17 @@ def test_model_forward_is_the_same_with_either_attention(monkeypatch):
     np.testing.assert_allclose(out_fused, out_xla, rtol=1e-5, atol=1e-5)
 
 
+def test_a_setting_holds_inside_its_block_only(monkeypatch):
+    monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fused")
+    with loading.setting("xla"):
+        assert loading.choice() == "xla"
+    assert loading.choice() == "fused"
+    monkeypatch.delenv("JAXPRUNE_CPU_KERNELS")
+    with loading.setting("xla"):
+        assert loading.choice() == "xla"
+    assert loading.choice() == "auto"
+
+
 def test_a_bad_attention_setting_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("JAXPRUNE_CPU_KERNELS", "fast")
     with pytest.raises(

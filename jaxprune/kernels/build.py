@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.ffi
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
@@ -38,9 +39,9 @@ def build(source: Path) -> Path:
     """The shared library of ``source``, compiled now unless a cached build matches.
 
     The cache key covers the source and the headers beside it, the flags, the compiler, the JAX
-    headers' path and the machine
-    (``-march=native`` code runs only where it was built). A build is written to a temporary
-    name and renamed into place, so concurrent processes never load a half-written library.
+    version and headers, and the machine (``-march=native`` code runs only where it was built).
+    A build is written to a temporary name and renamed into place, so concurrent processes never
+    load a half-written library.
 
     Raises:
       KernelBuildError: no C++ compiler is on the path, or it failed (its message is included).
@@ -53,7 +54,7 @@ def build(source: Path) -> Path:
     headers = sorted(source.parent.glob("*.h"))
     for part in (source, *headers):
         key.update(part.read_bytes())
-    for part in (" ".join(FLAGS), cxx, include):
+    for part in (" ".join(FLAGS), cxx, include, jax.__version__):
         key.update(part.encode())
     key.update(platform.machine().encode() + platform.node().encode() + _cpu_flags().encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"

@@ -3,10 +3,12 @@ once per process, and the worker count."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -32,6 +34,21 @@ def choice() -> str:
             "kernels where they build"
         )
     return value
+
+
+@contextlib.contextmanager
+def setting(value: str) -> Iterator[None]:
+    """``JAXPRUNE_CPU_KERNELS=value`` inside the block (functions traced there keep it), the
+    previous value after."""
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = saved
 
 
 @functools.cache
