@@ -43,6 +43,36 @@ def test_fused_head_nll_equals_xla(tied, vocab, shape, monkeypatch):
     np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_kernels_give_the_same_bits_on_any_number_of_threads():
+    """A rerun, or a machine with another CPU count, gives the same NLL and attention exactly
+    (the notebooks check a reloaded model's perplexity for equality)."""
+    from jaxprune.kernels import causal_attention
+
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(70, 48)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(20000, 48)) / 7, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 20000, 70), jnp.int32)
+    q, k, v = (
+        jnp.asarray(rng.normal(size=s), jnp.float32)
+        for s in [(1, 2, 2, 300, 32)] + [(1, 2, 300, 32)] * 2
+    )
+
+    def outputs(threads):
+        nll = jax.ffi.ffi_call(fused_head.TARGET, jax.ShapeDtypeStruct((70,), jnp.float32))(
+            h, weight, targets, threads=threads
+        )
+        attn = jax.ffi.ffi_call(
+            causal_attention.TARGET, jax.ShapeDtypeStruct((1, 300, 128), jnp.float32)
+        )(q, k, v, scale=np.float32(0.2), window=0, threads=threads)
+        return np.asarray(nll), np.asarray(attn)
+
+    assert causal_attention.available()
+    one = outputs(1)
+    for threads in (2, 3, 7):
+        for a, b in zip(one, outputs(threads), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_fused_head_nll_gradients_are_xlas(monkeypatch):
     model = _model(False, 300)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 300, size=(2, 20)), jnp.int32)

@@ -1,9 +1,9 @@
 // Next-token NLL through the output head for XLA on CPU (float32), as a jax.ffi target:
 // nll[i] = logsumexp_v(h[i] . w[v]) - h[i] . w[target[i]], without writing the (n, vocab)
 // logits to memory. XLA computes them with one matmul per chunk of tokens, writes them, and
-// reads them back for the maximum and the exp-sum; here each thread takes a slice of the
-// vocabulary, keeps its logits tile in cache, and folds it into per-token running
-// (maximum, sum of exp), merged at the end.
+// reads them back for the maximum and the exp-sum; here each work item takes a slice of the
+// vocabulary, keeps its logits tiles in cache, and folds them into per-token running
+// (maximum, sum of exp), merged at the end in a fixed order (deterministic results).
 //
 // Layouts (row-major): h (n, d) (the final norm already applied); w (vocab, d) (an embedding
 // table, or an untied head's kernel transposed); targets (n,) int32; out (n,).
@@ -25,7 +25,8 @@ using namespace jaxprune_simd;
 
 constexpr int kTokens = 2 * kLanes;  // tokens per register block (two vectors)
 constexpr int kRows = 6;             // vocabulary rows per register block
-constexpr int kChunk = 256;          // vocabulary rows per work item (its tile: 256 x 32)
+constexpr int kChunk = 256;          // vocabulary rows per tile (256 x 32 logits)
+constexpr int64_t kGroups = 64;      // work items: contiguous groups of chunks
 
 // logits tile (nr, kTokens) of vocabulary rows w[0..nr) against one packed token block hb
 // (d, kTokens).
@@ -79,51 +80,58 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
     for (int k = 0; k < d; ++k) dst[k * kTokens] = hp[i * d + k];
   }
 
-  // Per worker: running maximum and sum of exp of every token over the chunks it took.
+  // The vocabulary's chunks in kGroups contiguous groups, each folded in order into its own
+  // running maximum and sum of exp per token by whichever worker takes it, then the groups
+  // merged in order: the result does not depend on the scheduling or the number of threads.
   const float neg = -std::numeric_limits<float>::infinity();
   const int64_t npad = blocks * kTokens;
-  std::vector<float> run_max(static_cast<size_t>(nthreads * npad), neg);
-  std::vector<float> run_sum(static_cast<size_t>(nthreads * npad), 0.0f);
   const int64_t chunks = (vocab + kChunk - 1) / kChunk;
-  parallel_for(chunks, nthreads, [&](int64_t chunk, int worker) {
-    float* mx = run_max.data() + worker * npad;
-    float* sm = run_sum.data() + worker * npad;
-    const int64_t v0 = chunk * kChunk;
-    const int rows = static_cast<int>(std::min<int64_t>(kChunk, vocab - v0));
+  const int64_t groups = std::min<int64_t>(kGroups, chunks);
+  std::vector<float> run_max(static_cast<size_t>(groups * npad), neg);
+  std::vector<float> run_sum(static_cast<size_t>(groups * npad), 0.0f);
+  parallel_for(groups, nthreads, [&](int64_t group, int) {
+    float* mx = run_max.data() + group * npad;
+    float* sm = run_sum.data() + group * npad;
     thread_local std::vector<float> tile;
     tile.resize(static_cast<size_t>(kChunk) * kTokens);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* hb = packed.data() + b * d * kTokens;
-      int a = 0;
-      for (; a + kRows <= rows; a += kRows)
-        logits_block<kRows>(wp + (v0 + a) * d, d, hb, tile.data() + a * kTokens);
-      for (; a < rows; ++a) logits_block<1>(wp + (v0 + a) * d, d, hb, tile.data() + a * kTokens);
-      for (int half = 0; half < 2; ++half) {
-        const int64_t lane0 = b * kTokens + half * kLanes;
-        vf m = load(tile.data() + half * kLanes);
-        for (int r = 1; r < rows; ++r) {
-          const vf x = load(tile.data() + r * kTokens + half * kLanes);
-          m = x > m ? x : m;
+    for (int64_t chunk = group * chunks / groups; chunk < (group + 1) * chunks / groups; ++chunk) {
+      const int64_t v0 = chunk * kChunk;
+      const int rows = static_cast<int>(std::min<int64_t>(kChunk, vocab - v0));
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* hb = packed.data() + b * d * kTokens;
+        int a = 0;
+        for (; a + kRows <= rows; a += kRows)
+          logits_block<kRows>(wp + (v0 + a) * d, d, hb, tile.data() + a * kTokens);
+        for (; a < rows; ++a)
+          logits_block<1>(wp + (v0 + a) * d, d, hb, tile.data() + a * kTokens);
+        for (int half = 0; half < 2; ++half) {
+          const int64_t lane0 = b * kTokens + half * kLanes;
+          vf m = load(tile.data() + half * kLanes);
+          for (int r = 1; r < rows; ++r) {
+            const vf x = load(tile.data() + r * kTokens + half * kLanes);
+            m = x > m ? x : m;
+          }
+          vf s = {};
+          for (int r = 0; r < rows; ++r)
+            s += exp_nonpositive(load(tile.data() + r * kTokens + half * kLanes) - m);
+          const vf old_m = load(mx + lane0);
+          const vf new_m = old_m > m ? old_m : m;
+          const vf old_s = load(sm + lane0);
+          store(sm + lane0,
+                old_s * exp_nonpositive(old_m - new_m) + s * exp_nonpositive(m - new_m));
+          store(mx + lane0, new_m);
         }
-        vf s = {};
-        for (int r = 0; r < rows; ++r)
-          s += exp_nonpositive(load(tile.data() + r * kTokens + half * kLanes) - m);
-        const vf old_m = load(mx + lane0);
-        const vf new_m = old_m > m ? old_m : m;
-        const vf old_s = load(sm + lane0);
-        store(sm + lane0, old_s * exp_nonpositive(old_m - new_m) + s * exp_nonpositive(m - new_m));
-        store(mx + lane0, new_m);
       }
     }
   });
 
-  // Merge the workers' sums; subtract each token's target logit.
-  const int used = nthreads;
+  // Merge the groups in order; subtract each token's target logit.
+  const int64_t used = groups;
   for (int64_t i = 0; i < n; ++i) {
     float m = neg;
-    for (int t = 0; t < used; ++t) m = std::max(m, run_max[t * npad + i]);
+    for (int64_t t = 0; t < used; ++t) m = std::max(m, run_max[t * npad + i]);
     double s = 0.0;
-    for (int t = 0; t < used; ++t)
+    for (int64_t t = 0; t < used; ++t)
       s += static_cast<double>(run_sum[t * npad + i]) * std::exp(run_max[t * npad + i] - m);
     const float* wt = wp + static_cast<int64_t>(tp[i]) * d;
     float picked = 0.0f;
