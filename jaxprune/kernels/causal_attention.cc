@@ -26,48 +26,19 @@ namespace {
 using namespace jaxprune_simd;
 
 constexpr int kTileRows = 64;  // query tokens per work item (per head: 64 x keys scores)
-constexpr int kRowsS = 6;      // register block of the score matmul: 6 rows x 32 keys
-constexpr int kColsS = 2 * kLanes;
+constexpr int kColsS = kPanel;  // keys per packed block
 constexpr int kRowsPV = 6;     // register block of P V: 6 rows x 64 head dims
 
 struct Shape {
   int64_t b, g, r, t, dh;
 };
 
-// One register block of the score matmul: NR rows x kColsS keys, from a packed key block
-// kb (dh, kColsS) (contiguous, so its rows never collide in the L1 cache).
-template <int NR>
-inline void scores_block(const float* q, int i0, const float* kb, int dh, float scale, float* s,
-                         int ldS) {
-  const float* qa[NR];
-  for (int a = 0; a < NR; ++a) qa[a] = q + (i0 + a) * dh;
-  vf acc[NR][2] = {};
-  for (int d = 0; d < dh; ++d) {
-    const vf k0 = load(kb + d * kColsS);
-    const vf k1 = load(kb + d * kColsS + kLanes);
-    for (int a = 0; a < NR; ++a) {
-      const vf x = splat(qa[a][d]);
-      acc[a][0] += x * k0;
-      acc[a][1] += x * k1;
-    }
-  }
-  for (int a = 0; a < NR; ++a) {
-    store(s + (i0 + a) * ldS, acc[a][0] * splat(scale));
-    store(s + (i0 + a) * ldS + kLanes, acc[a][1] * splat(scale));
-  }
-}
-
 // Scores of `rows` query rows (row-major, stride dh) against the m keys (a multiple of
 // kColsS) of a packed key panel kp (m / kColsS blocks of (dh, kColsS)): s (rows, ldS).
 void scores(const float* q, int rows, const float* kp, int m, int dh, float scale, float* s,
             int ldS) {
-  for (int j0 = 0; j0 < m; j0 += kColsS) {
-    const float* kb = kp + static_cast<int64_t>(j0) * dh;
-    int i0 = 0;
-    for (; i0 + kRowsS <= rows; i0 += kRowsS)
-      scores_block<kRowsS>(q, i0, kb, dh, scale, s + j0, ldS);
-    for (; i0 < rows; ++i0) scores_block<1>(q, i0, kb, dh, scale, s + j0, ldS);
-  }
+  for (int j0 = 0; j0 < m; j0 += kColsS)
+    rows_times_panel(q, rows, dh, kp + static_cast<int64_t>(j0) * dh, scale, s + j0, ldS);
 }
 
 // Lanes j..j+15 of a row, those outside [lo, end) replaced by `fill`.

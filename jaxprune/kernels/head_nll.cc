@@ -23,32 +23,9 @@ namespace {
 
 using namespace jaxprune_simd;
 
-constexpr int kTokens = 2 * kLanes;  // tokens per register block (two vectors)
-constexpr int kRows = 6;             // vocabulary rows per register block
+constexpr int kTokens = kPanel;      // tokens per packed block (two vectors)
 constexpr int kChunk = 256;          // vocabulary rows per tile (256 x 32 logits)
 constexpr int64_t kGroups = 64;      // work items: contiguous groups of chunks
-
-// logits tile (nr, kTokens) of vocabulary rows w[0..nr) against one packed token block hb
-// (d, kTokens).
-template <int NR>
-inline void logits_block(const float* w, int d, const float* hb, float* tile) {
-  const float* wa[NR];
-  for (int a = 0; a < NR; ++a) wa[a] = w + static_cast<int64_t>(a) * d;
-  vf acc[NR][2] = {};
-  for (int k = 0; k < d; ++k) {
-    const vf h0 = load(hb + k * kTokens);
-    const vf h1 = load(hb + k * kTokens + kLanes);
-    for (int a = 0; a < NR; ++a) {
-      const vf x = splat(wa[a][k]);
-      acc[a][0] += x * h0;
-      acc[a][1] += x * h1;
-    }
-  }
-  for (int a = 0; a < NR; ++a) {
-    store(tile + a * kTokens, acc[a][0]);
-    store(tile + a * kTokens + kLanes, acc[a][1]);
-  }
-}
 
 ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::S32> targets, ffi::ResultBuffer<ffi::F32> out,
@@ -99,11 +76,7 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
       const int rows = static_cast<int>(std::min<int64_t>(kChunk, vocab - v0));
       for (int64_t b = 0; b < blocks; ++b) {
         const float* hb = packed.data() + b * d * kTokens;
-        int a = 0;
-        for (; a + kRows <= rows; a += kRows)
-          logits_block<kRows>(wp + (v0 + a) * d, d, hb, tile.data() + a * kTokens);
-        for (; a < rows; ++a)
-          logits_block<1>(wp + (v0 + a) * d, d, hb, tile.data() + a * kTokens);
+        rows_times_panel(wp + v0 * d, rows, d, hb, 1.0f, tile.data(), kTokens);
         for (int half = 0; half < 2; ++half) {
           const int64_t lane0 = b * kTokens + half * kLanes;
           vf m = load(tile.data() + half * kLanes);

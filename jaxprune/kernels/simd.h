@@ -52,6 +52,42 @@ inline vf exp_nonpositive(vf x) {
   return dead ? splat(0.0f) : out;
 }
 
+// Columns of a packed panel block, and rows of the register block that multiplies it.
+constexpr int kPanel = 2 * kLanes;
+constexpr int kPanelRows = 6;
+
+// out (NR, kPanel), row stride ld_out, = scale * rows (NR, d; row stride d) x panel (d, kPanel).
+// The panel block is contiguous, so its rows never collide in the L1 cache.
+template <int NR>
+inline void panel_block(const float* rows, int d, const float* panel, float scale, float* out,
+                        int64_t ld_out) {
+  vf acc[NR][2] = {};
+  for (int k = 0; k < d; ++k) {
+    const vf p0 = load(panel + k * kPanel);
+    const vf p1 = load(panel + k * kPanel + kLanes);
+    for (int a = 0; a < NR; ++a) {
+      const vf x = splat(rows[static_cast<int64_t>(a) * d + k]);
+      acc[a][0] += x * p0;
+      acc[a][1] += x * p1;
+    }
+  }
+  for (int a = 0; a < NR; ++a) {
+    store(out + a * ld_out, acc[a][0] * splat(scale));
+    store(out + a * ld_out + kLanes, acc[a][1] * splat(scale));
+  }
+}
+
+// panel_block over nrows rows: register blocks of kPanelRows, then one row at a time.
+inline void rows_times_panel(const float* rows, int nrows, int d, const float* panel,
+                             float scale, float* out, int64_t ld_out) {
+  int a = 0;
+  for (; a + kPanelRows <= nrows; a += kPanelRows)
+    panel_block<kPanelRows>(rows + static_cast<int64_t>(a) * d, d, panel, scale,
+                            out + a * ld_out, ld_out);
+  for (; a < nrows; ++a)
+    panel_block<1>(rows + static_cast<int64_t>(a) * d, d, panel, scale, out + a * ld_out, ld_out);
+}
+
 // fn(item, worker) for items 0..n-1 on `threads` workers (this thread is worker 0), items taken
 // in order as each worker frees up.
 template <typename Fn>
