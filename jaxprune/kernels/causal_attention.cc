@@ -148,19 +148,13 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   float* op = out->typed_data();
   const int dh = static_cast<int>(sh.dh);
   const int64_t ld = (sh.t + kColsS - 1) / kColsS * kColsS;  // padded key count
-  int nthreads = threads > 0 ? static_cast<int>(threads)
-                             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int nthreads = workers(threads);
 
   // Phase 1: each group's keys packed in blocks of kColsS keys, each block (dh, kColsS),
   // zero-padded to ld keys.
   std::vector<float> kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
   parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg, int) {
-    const float* src = kp + bg * sh.t * sh.dh;
-    float* dst = kpacked.data() + bg * ld * sh.dh;
-    for (int64_t j = 0; j < sh.t; ++j) {
-      float* block = dst + (j / kColsS) * kColsS * dh + j % kColsS;
-      for (int d = 0; d < dh; ++d) block[d * kColsS] = src[j * dh + d];
-    }
+    pack_panels(kp + bg * sh.t * sh.dh, sh.t, dh, kpacked.data() + bg * ld * sh.dh);
   });
 
   // Phase 2: work items (b, g, tile), the longest tiles (most keys) first. A tile's key panel

@@ -47,15 +47,12 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
       return ffi::Error::InvalidArgument("head_nll: a target is outside the vocabulary");
     }
   }
-  const int nthreads = std::max<int>(1, static_cast<int>(threads));
+  const int nthreads = workers(threads);
 
   // Tokens packed in blocks of kTokens, each block (d, kTokens), zero-padded.
   const int64_t blocks = (n + kTokens - 1) / kTokens;
   std::vector<float> packed(static_cast<size_t>(blocks * d * kTokens), 0.0f);
-  for (int64_t i = 0; i < n; ++i) {
-    float* dst = packed.data() + (i / kTokens) * d * kTokens + i % kTokens;
-    for (int k = 0; k < d; ++k) dst[k * kTokens] = hp[i * d + k];
-  }
+  pack_panels(hp, n, d, packed.data());
 
   // The vocabulary's chunks in kGroups contiguous groups, each folded in order into its own
   // running maximum and sum of exp per token by whichever worker takes it, then the groups

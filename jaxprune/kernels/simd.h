@@ -3,6 +3,7 @@
 // non-positive arguments, and a dynamic parallel loop over work items.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -75,6 +76,22 @@ inline void panel_block(const float* rows, int d, const float* panel, float scal
     store(out + a * ld_out, acc[a][0] * splat(scale));
     store(out + a * ld_out + kLanes, acc[a][1] * splat(scale));
   }
+}
+
+// rows (n, d), row-major, into panel blocks of kPanel rows, each block (d, kPanel) contiguous:
+// row j, column k goes to dst[(j / kPanel) * d * kPanel + k * kPanel + j % kPanel]. dst holds
+// ceil(n / kPanel) blocks and is zero-filled by the caller (the padding rows stay 0).
+inline void pack_panels(const float* src, int64_t n, int d, float* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    float* block = dst + (j / kPanel) * d * kPanel + j % kPanel;
+    for (int k = 0; k < d; ++k) block[k * kPanel] = src[j * d + k];
+  }
+}
+
+// The worker count: `threads` when positive, else the machine's hardware threads.
+inline int workers(int64_t threads) {
+  return threads > 0 ? static_cast<int>(threads)
+                     : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 // panel_block over nrows rows: register blocks of kPanelRows, then one row at a time.
