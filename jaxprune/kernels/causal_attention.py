@@ -39,7 +39,6 @@ def causal_attention(q, k, v, scale: float, window: int | None, reference):
     dh)``, logits multiplied by ``scale``, by the fused kernel. ``reference(q, k, v)`` computes
     the same in JAX; it gives the derivatives."""
 
-    @jax.custom_vjp
     def attend(q, k, v):
         b, g, r, t, dh = q.shape
         call = jax.ffi.ffi_call(
@@ -49,11 +48,4 @@ def causal_attention(q, k, v, scale: float, window: int | None, reference):
         )
         return call(q, k, v, scale=np.float32(scale), window=window or 0, threads=loading.threads())
 
-    def forward(q, k, v):
-        return attend(q, k, v), (q, k, v)
-
-    def backward(saved, grad):
-        return jax.vjp(reference, *saved)[1](grad)
-
-    attend.defvjp(forward, backward)
-    return attend(q, k, v)
+    return loading.with_reference_vjp(attend, reference)(q, k, v)

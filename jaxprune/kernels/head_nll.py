@@ -37,18 +37,10 @@ def head_nll(h, weight, targets, reference):
     ``(n, vocab)`` logits. ``reference(h, weight)`` computes the same in JAX (targets fixed);
     it gives the derivatives."""
 
-    @jax.custom_vjp
     def nll(h, weight):
         call = jax.ffi.ffi_call(
             TARGET, jax.ShapeDtypeStruct(h.shape[:1], jnp.float32), vmap_method="sequential"
         )
         return call(h, weight, targets.astype(jnp.int32), threads=loading.threads())
 
-    def forward(h, weight):
-        return nll(h, weight), (h, weight)
-
-    def backward(saved, grad):
-        return jax.vjp(reference, *saved)[1](grad)
-
-    nll.defvjp(forward, backward)
-    return nll(h, weight)
+    return loading.with_reference_vjp(nll, reference)(h, weight)

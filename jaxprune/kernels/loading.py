@@ -84,6 +84,25 @@ def use(source: Path, symbol: str, target: str, fits: bool) -> bool:
     return True
 
 
+def with_reference_vjp(kernel, reference):
+    """``kernel`` (a forward-only call) with the derivatives of ``reference``, a JAX function of
+    the same arguments computing the same values: the backward pass differentiates the reference
+    at the saved inputs."""
+
+    @jax.custom_vjp
+    def fn(*args):
+        return kernel(*args)
+
+    def forward(*args):
+        return fn(*args), args
+
+    def backward(saved, grad):
+        return jax.vjp(reference, *saved)[1](grad)
+
+    fn.defvjp(forward, backward)
+    return fn
+
+
 def threads() -> int:
     """The CPUs this process may run on (a kernel's worker count)."""
     try:
