@@ -20,6 +20,7 @@ import dataclasses
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -217,9 +218,11 @@ def prune_model(
             held = [
                 layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held
             ]
+            _wait_if_streamed(layers, hs, held)
             layers.close(li)
             continue
-        dense_attn = {k: _f32(kernels[k][...]) for k in ("q", "k", "v", "o")}
+        # The dense attention kernels, for the held-out error only (not copied without it).
+        dense_attn = {k: _f32(kernels[k][...]) for k in ("q", "k", "v", "o")} if held else None
         info: dict[str, Any] = {"layer": li}
         if li in pruned:
             result = solved.pop(li, None)
@@ -254,6 +257,7 @@ def prune_model(
         hs = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in hs]
         held = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held]
         facts.append(info)
+        _wait_if_streamed(layers, hs, held)
         layers.close(li)
         # Drop this layer's arrays before the next one is opened (a streamed layer's weights
         # would otherwise live beside the next one's).
@@ -268,6 +272,15 @@ def prune_model(
         "resumed_layers": sorted(done),
         **_peak_memory_bytes(),
     }
+
+
+def _wait_if_streamed(layers, hs, held) -> None:
+    """Waits for a streamed layer's outputs before it is closed. Dispatch is asynchronous: a
+    layer with nothing to prune (or restored) would otherwise be closed before its outputs are
+    computed, and the next layers read while the queued computations still hold every earlier
+    layer's weights."""
+    if not layers.in_memory:
+        jax.block_until_ready((hs, held))
 
 
 def _sparsity(li: int, masks: dict, keep: bool) -> dict[str, float]:
@@ -323,6 +336,29 @@ def _f32(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
+class WidenedKernels(Mapping):
+    """A layer's prunable kernels in float32, each widened on a method's first read of it and
+    kept for the next: a q/k method on a bfloat16 layer does not copy the MLP into float32.
+
+    Reads the kernels' current values, so it is used while the layer is still dense (inside
+    the method's call)."""
+
+    def __init__(self, kernels: dict):
+        self._kernels = kernels
+        self._widened: dict[str, jax.Array] = {}
+
+    def __getitem__(self, name: str) -> jax.Array:
+        if name not in self._widened:
+            self._widened[name] = _f32(self._kernels[name][...])
+        return self._widened[name]
+
+    def __iter__(self):
+        return iter(self._kernels)
+
+    def __len__(self) -> int:
+        return len(self._kernels)
+
+
 def _layer_view(model, li: int, calibrated, targets) -> Layer:
     """Layer ``li`` as a method sees it: its dense kernels, the statistics of each target's
     input, its attention spec and its calibration attention inputs."""
@@ -330,7 +366,7 @@ def _layer_view(model, li: int, calibrated, targets) -> Layer:
     kernels = projection_kernels(model.layers[li])
     return Layer(
         index=li,
-        weights={n: _f32(p[...]) for n, p in kernels.items()},
+        weights=WidenedKernels(kernels),
         stats={t: stats[layerwise.INPUT_OF[t]] for t in targets},
         spec=model.config.attention_spec(li),
         attention_inputs=x,

@@ -164,17 +164,19 @@ def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, pro
     opt_lr = optax.cosine_decay_schedule(step_size, steps) if schedule == "cosine" else None
     step_fn = gd_step if optimizer == "gd" else optax_step
 
-    @partial(jax.jit, static_argnums=2)
+    # The state is donated: each chunk's new state takes the old one's buffers (masks,
+    # optimiser moments, gradient), so a solve holds one state, not two.
+    @partial(jax.jit, static_argnums=2, donate_argnums=0)
     def run_chunk(state, data, length):
         state, rec = jax.lax.scan(partial(step_fn, data), state, None, length=length)
         return state, jnp.stack(rec)
 
-    @jax.jit
     def initial_state(m, data):
         loss, attn, g = evaluate(m, data)
         opt_state = opt.init(m) if opt is not None else ()
         return dict(
-            masks=m,
+            # A copy, never the caller's start (run_chunk donates the state's buffers).
+            masks=jax.tree.map(jnp.copy, m),
             eta=jnp.asarray(step_size, jax.tree.leaves(m)[0].dtype),
             loss=loss,
             attn=attn,
@@ -183,7 +185,8 @@ def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, pro
             step=jnp.zeros((), jnp.int32),
         )
 
-    return run_chunk, initial_state
+    # The second form takes the start's buffers for the state (donate_init of solve_masks).
+    return run_chunk, jax.jit(initial_state), jax.jit(initial_state, donate_argnums=0)
 
 
 def solve_masks(
@@ -203,6 +206,7 @@ def solve_masks(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     stop_after: int | None = None,
+    donate_init: bool = False,
     progress: bool = True,
     desc: str = "solve",
 ) -> SolveResult:
@@ -226,6 +230,8 @@ def solve_masks(
       checkpoint_dir: where to save and resume (orbax); ``None`` for no checkpoints.
       checkpoint_every: save every this many steps (a multiple of ``chunk_steps``).
       stop_after: stop (after checkpointing) once this many steps are done, to emulate a stop.
+      donate_init: the solve may take ``init``'s buffers (its arrays are deleted, one mask set
+        less in memory); only where the caller never reads ``init`` again.
       progress: show a tqdm bar.
       desc: label of the progress bar.
 
@@ -258,10 +264,11 @@ def solve_masks(
             grad_fn or _autograd(loss_fn), init, data, iters=power_iters
         )
     step_size = float(step_size)
-    run_chunk, initial_state = _compiled_steps(
+    run_chunk, initial_state, initial_state_donating = _compiled_steps(
         loss_fn, grad_fn, optimizer, step_size, schedule, steps, project
     )
-    state = initial_state(init, data)
+    state = (initial_state_donating if donate_init else initial_state)(init, data)
+    del init
     history = np.full((len(HISTORY_KEYS), steps), np.nan, dtype=np.float64)
     done = 0
     manager = None

@@ -17,6 +17,7 @@ the activations of at most :data:`EVAL_ACTIVATION_BYTES` of evaluation windows w
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import re
@@ -180,8 +181,11 @@ class StreamedLayers:
         return layer
 
     def close(self, li: int) -> None:
-        """Drops layer ``li``'s weights from :attr:`model`."""
+        """Drops layer ``li``'s weights from :attr:`model`, and frees them now: a layer's
+        modules hold reference cycles, so without a collection its arrays live until Python's
+        collector next runs, beside the next layers' (four layers' MLPs at once, measured)."""
         self.model.layers[li] = self._abstract_layers[li]
+        gc.collect()
 
     def top(self):
         """The embedding, final norm and head read from disk: the family's model without
@@ -221,6 +225,9 @@ class StreamedLayers:
             for t in {h.shape[1] for h in hs}:
                 contexts[li, t] = self.model.layer_context(li, t)
             hs = [layerwise.apply_layer(graphdef, state, h, *contexts[li, h.shape[1]]) for h in hs]
+            # Wait for this layer's outputs before the next is read: otherwise the queued
+            # computations keep every layer read so far in memory.
+            jax.block_until_ready(hs)
             self.close(li)
         return hs
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprune import masks
 from jaxprune.masks import binarize, mask_scores, measured_sparsity
 
 
@@ -137,3 +138,45 @@ def test_ties_are_ordered_by_the_second_key_however_small(group):
     np.testing.assert_array_equal(
         binarize(scores, 0.5, group=group, tiebreak=1 - scores), binarize(scores, 0.5, group=group)
     )
+
+
+def _stable_sort_keep(scores, n_prune, axis, tiebreak=None):
+    """Reference: keep all but the first n_prune of each slice in a stable lexicographic sort
+    by (score, tiebreak, position), done by numpy (NaN last, -0.0 equal to 0.0)."""
+    s = np.moveaxis(np.asarray(scores, np.float32), axis, -1)
+    t = np.zeros_like(s) if tiebreak is None else np.moveaxis(np.asarray(tiebreak), axis, -1)
+    keep = np.ones(s.shape, bool)
+    for idx in np.ndindex(s.shape[:-1]):
+        order = np.lexsort((np.arange(s.shape[-1]), t[idx], s[idx]))
+        keep[idx][order[:n_prune]] = False
+    return np.moveaxis(keep, -1, axis)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rounding_prunes_what_a_stable_sort_by_score_then_tiebreak_would(seed):
+    # The rounding selects by binary search instead of sorting; it must pick the same entries
+    # as a stable sort, with ties, signed zeros, infinities and NaN in both keys.
+    rng = np.random.default_rng(seed)
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, -1.0, 1e-30, -2.5], np.float32)
+    shape = (12, 8) if seed % 2 else (3, 5, 8)
+    scores = rng.choice(special, shape) if seed < 2 else np.round(rng.random(shape) * 4) / 4
+    tiebreak = rng.choice(special, shape) if seed % 3 else None
+    for axis in range(len(shape)):
+        for n_prune in (0, 1, shape[axis] // 2, shape[axis]):
+            got = masks._keep_lowest_pruned(
+                jnp.asarray(scores, jnp.float32),
+                n_prune,
+                axis,
+                None if tiebreak is None else jnp.asarray(tiebreak),
+            )
+            want = _stable_sort_keep(scores, n_prune, axis, tiebreak)
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_matrix_rounding_of_a_large_matrix_equals_the_stable_sort():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random((512, 512)), 2).astype(np.float32)  # many ties
+    tiebreak = np.round(rng.random((512, 512)), 2).astype(np.float32)
+    got = masks.binarize(jnp.asarray(scores), 0.5, tiebreak=jnp.asarray(tiebreak))
+    want = _stable_sort_keep(scores.reshape(-1), scores.size // 2, 0, tiebreak.reshape(-1))
+    np.testing.assert_array_equal(np.asarray(got), want.reshape(scores.shape))

@@ -14,7 +14,13 @@ from jaxprune.job import command_for
 from jaxprune.methods.registry import prune_matrix
 from jaxprune.methods.stats import init_stats, update_stats
 from jaxprune.models.llama import Llama, projection_kernels
-from jaxprune.pipeline import TARGETS, PruneConfig, calibration_chunks, prune_model
+from jaxprune.pipeline import (
+    TARGETS,
+    PruneConfig,
+    WidenedKernels,
+    calibration_chunks,
+    prune_model,
+)
 
 TINY = tiny_config()
 BASE = from_dict(
@@ -203,3 +209,17 @@ def test_table_config_errors_name_the_row():
         from_dict(TableConfig, {"rows": [{"name": "x"}], "attention_rows": ["y"]})
     with pytest.raises(ConfigError, match="unique"):
         from_dict(TableConfig, {"rows": [{"name": "x"}, {"name": "x"}]})
+
+
+def test_a_layer_view_widens_only_the_kernels_a_method_reads():
+    # A q/k method on a bfloat16 layer must not hold float32 copies of the MLP.
+    kernels = {
+        n: nnx.Param(jnp.full((4, 3), i + 0.5, jnp.bfloat16))
+        for i, n in enumerate(("q", "k", "gate"))
+    }
+    view = WidenedKernels(kernels)
+    assert list(view) == ["q", "k", "gate"] and len(view) == 3
+    q = view["q"]
+    assert q.dtype == jnp.float32 and view["q"] is q
+    np.testing.assert_array_equal(q, np.full((4, 3), 0.5, np.float32))
+    assert sorted(view._widened) == ["q"]

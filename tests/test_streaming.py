@@ -308,3 +308,22 @@ def test_eval_command_streams_to_the_perplexity_in_memory(folder, tmp_path):
     np.testing.assert_allclose(runs["true"]["window_nll"], runs["auto"]["window_nll"], rtol=1e-5)
     low = jaxprune(*argv, "--stream-threshold-gib", "0", cwd=tmp_path)
     assert json.loads(low.stdout.strip().splitlines()[-1])["stream"] is True
+
+
+def test_a_closed_layer_leaves_memory_at_once(folder):
+    # A streamed layer's arrays must be gone when it is closed, not when Python's cycle
+    # collector next runs: otherwise several layers' weights are resident together.
+    import gc
+    import weakref
+
+    source = streaming.StreamedLayers(open_weights(folder))
+    gc.disable()
+    try:
+        layer = source.open(0)
+        kernel = projection_kernels(layer)["gate"][...]
+        ref = weakref.ref(kernel)
+        del layer, kernel
+        source.close(0)
+        assert ref() is None
+    finally:
+        gc.enable()

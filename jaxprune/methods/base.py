@@ -77,7 +77,8 @@ class Layer:
 
     Attributes:
       index: the layer's position in the model.
-      weights: the dense kernels of every prunable projection of the layer, by name.
+      weights: the dense kernels of every prunable projection of the layer, by name, in float32
+        (a mapping: the pipeline widens a kernel when it is first read).
       stats: the calibration statistics of each target's input, by projection name (``q``, ``k``
         and ``v`` share one object, as do ``gate`` and ``up``).
       spec: the layer's attention, as the objective recomputes it.
@@ -88,7 +89,7 @@ class Layer:
     """
 
     index: int
-    weights: dict[str, Float[Array, "d_in d_out"]]
+    weights: Mapping[str, Float[Array, "d_in d_out"]]
     stats: dict[str, InputStats]
     spec: AttentionSpec
     attention_inputs: Float[Array, "b n d"] | None = None

@@ -154,7 +154,7 @@ def prune(layer: Layer, request: Request, opts: SoftmaxConfig) -> Pruned:
             request,
             opts,
             spec=layer.spec,
-            value_weights={k: layer.weights[k] for k in ("v", "o")},
+            value_weights=_value_weights(layer, opts),
             extras=layer.extras,
             progress=request.progress,
             desc=f"layer {layer.index} softmax",
@@ -179,7 +179,7 @@ def prune_layers(layers: list[Layer], request: Request, opts: SoftmaxConfig) -> 
                 request,
                 opts,
                 spec=spec,
-                value_weights=[{k: layer.weights[k] for k in ("v", "o")} for layer in group],
+                value_weights=[_value_weights(layer, opts) for layer in group],
                 extras=[layer.extras for layer in group],
                 progress=request.progress,
                 desc=f"layers {first}-{last} softmax",
@@ -189,6 +189,12 @@ def prune_layers(layers: list[Layer], request: Request, opts: SoftmaxConfig) -> 
         for layer, (new, keep, info) in zip(group, results, strict=True):
             out[layer.index] = _with_other_targets(layer, request, opts, new, keep, info)
     return [out[layer.index] for layer in layers]
+
+
+def _value_weights(layer: Layer, opts: SoftmaxConfig) -> dict | None:
+    """The dense v and o kernels where the attention term needs them (``term="output"``);
+    otherwise not read, so a bfloat16 layer's v and o are not widened for nothing."""
+    return {k: layer.weights[k] for k in ("v", "o")} if opts.term == "output" else None
 
 
 def _with_other_targets(layer, request, opts, new, keep, info) -> Pruned:

@@ -241,21 +241,12 @@ def prune_qk_softmax(
             loss_of(lam=lam), setup, weights, stats, request, opts, mesh, progress, desc
         )
     else:
-        res = solve_masks(loss_of(lam=lam), init, steps=opts.steps, desc=desc, **solve_kw)
+        # The last read of the start (the search, if any, is done): the solve takes its buffers.
+        res = solve_masks(
+            loss_of(lam=lam), init, steps=opts.steps, desc=desc, donate_init=True, **solve_kw
+        )
         masks, fixed = (res.masks if mesh is None else sharding.gather(res.masks)), None
-    new, keep, update_info = round_and_update(
-        masks,
-        weights,
-        x,
-        stats,
-        request,
-        opts,
-        setup,
-        spec_kw,
-        progress=progress,
-        desc=desc,
-        pruned=fixed,
-    )
+    keep = round_masks(masks, weights, stats, request, opts, pruned=fixed)
     info = dict(
         lam=lam,
         lam_search=searched,
@@ -263,9 +254,15 @@ def prune_qk_softmax(
         initial_loss=float(res.history["loss"][0]),
         final_loss=res.final_loss,
         final_attention_term=float(res.history["attention"][-1]),
-        solve_seconds=time.perf_counter() - start,
-        **update_info,
     )
+    # The relaxed masks and the start are not needed by the update: freed before it runs (a
+    # streaming run's peak is this layer's update).
+    del masks, res, init, fixed
+    setup = dataclasses.replace(setup, init=None)
+    new, update_info = apply_update(
+        weights, keep, x, stats, request, opts, setup, spec_kw, progress=progress, desc=desc
+    )
+    info |= dict(solve_seconds=time.perf_counter() - start, **update_info)
     return new, keep, info
 
 
@@ -454,30 +451,47 @@ def _round(mask, w, stats, opts, sparsity, pattern, group, pruned=None):
     return binarize(scores, sparsity, pattern, group=group, tiebreak=tiebreak)
 
 
+def round_masks(masks, weights, stats, request, opts, pruned=None) -> dict:
+    """The boolean keep-masks of solved ``masks``, rounded to the request's sparsity, pattern
+    and group; entries in ``pruned`` (staged rounding's fixed zeros) are pruned first."""
+    group = mask_group(request)
+    return {
+        k: _round(
+            masks[k],
+            w,
+            stats,
+            opts,
+            request.sparsity,
+            request.pattern,
+            group,
+            None if pruned is None else pruned[k],
+        )
+        for k, w in weights.items()
+    }
+
+
+def apply_update(weights, keep, x, stats, request, opts, setup, spec_kw, *, progress, desc):
+    """The kept kernels after the weight update of ``opts.update``: ``(new_kernels,
+    update_info)``."""
+    if opts.update == "softmax":
+        return _softmax_update(weights, keep, x, request, opts, setup, spec_kw, progress, desc)
+    if opts.update == "sparsegpt":
+        return {k: sparsegpt_reconstruct(w, stats, keep[k]) for k, w in weights.items()}, {}
+    return {k: jnp.where(keep[k], w, 0) for k, w in weights.items()}, {}
+
+
 def round_and_update(
     masks, weights, x, stats, request, opts, setup, spec_kw, *, progress, desc, pruned=None
 ):
-    """Rounds solved masks to the pattern and applies the weight update of ``opts.update``;
-    entries in ``pruned`` (staged rounding's fixed zeros) are pruned first.
+    """:func:`round_masks`, then :func:`apply_update`.
 
     Returns:
       ``(new_kernels, keep, update_info)``.
     """
-    group = mask_group(request)
-    keep, new = {}, {}
-    for k, w in weights.items():
-        fixed = None if pruned is None else pruned[k]
-        keep[k] = _round(masks[k], w, stats, opts, request.sparsity, request.pattern, group, fixed)
-        new[k] = (
-            sparsegpt_reconstruct(w, stats, keep[k])
-            if opts.update == "sparsegpt"
-            else jnp.where(keep[k], w, 0)
-        )
-    update_info = {}
-    if opts.update == "softmax":
-        new, update_info = _softmax_update(
-            weights, keep, x, request, opts, setup, spec_kw, progress, desc
-        )
+    keep = round_masks(masks, weights, stats, request, opts, pruned)
+    new, update_info = apply_update(
+        weights, keep, x, stats, request, opts, setup, spec_kw, progress=progress, desc=desc
+    )
     return new, keep, update_info
 
 
@@ -572,6 +586,7 @@ def reconstruct_qk_softmax(
     res = solve_masks(
         _update_loss(query_idx, tuple(sorted(spec_kw.items())), row_block),
         place({k: jnp.zeros_like(w) for k, w in weights.items()}, "kernel"),
+        donate_init=True,
         steps=steps,
         data=data,
         optimizer="adam",
