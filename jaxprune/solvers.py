@@ -180,7 +180,9 @@ def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, pro
             eta=jnp.asarray(step_size, jax.tree.leaves(m)[0].dtype),
             loss=loss,
             attn=attn,
-            grad=g,
+            # Only gradient descent reads the last gradient; an optax solve keeps none (one mask
+            # set less in memory).
+            grad=g if opt is None else None,
             opt=opt_state,
             step=jnp.zeros((), jnp.int32),
         )
@@ -273,6 +275,9 @@ def solve_masks(
     done = 0
     manager = None
     meta = dict(
+        # The state's layout (2: no gradient in an optax solve's state): a checkpoint of
+        # another layout is refused as another solve's.
+        state_layout=2,
         steps=steps,
         optimizer=optimizer,
         step_size=float(step_size),
