@@ -80,6 +80,7 @@ class ModelLayers:
         """Decoder layer ``li``."""
         return self.model.layers[li]
 
-    def close(self, li: int) -> None:
-        """Done with layer ``li`` (it stays in the model)."""
-        del li
+    def close(self, li: int, pending=()) -> None:
+        """Done with layer ``li`` (it stays in the model; ``pending``, the arrays computed from
+        it, need no wait)."""
+        del li, pending

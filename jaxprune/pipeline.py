@@ -218,8 +218,7 @@ def prune_model(
             held = [
                 layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held
             ]
-            _wait_if_streamed(layers, hs, held)
-            layers.close(li)
+            layers.close(li, (hs, held))
             continue
         # The dense attention kernels, for the held-out error only (not copied without it).
         dense_attn = {k: _f32(kernels[k][...]) for k in ("q", "k", "v", "o")} if held else None
@@ -257,8 +256,7 @@ def prune_model(
         hs = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in hs]
         held = [layerwise.apply_layer(graphdef, state, h, *context(li, h.shape[1])) for h in held]
         facts.append(info)
-        _wait_if_streamed(layers, hs, held)
-        layers.close(li)
+        layers.close(li, (hs, held))
         # Drop this layer's arrays before the next one is opened (a streamed layer's weights
         # would otherwise live beside the next one's).
         layer = graphdef = state = kernels = dense_attn = result = None
@@ -272,15 +270,6 @@ def prune_model(
         "resumed_layers": sorted(done),
         **_peak_memory_bytes(),
     }
-
-
-def _wait_if_streamed(layers, hs, held) -> None:
-    """Waits for a streamed layer's outputs before it is closed. Dispatch is asynchronous: a
-    layer with nothing to prune (or restored) would otherwise be closed before its outputs are
-    computed, and the next layers read while the queued computations still hold every earlier
-    layer's weights."""
-    if not layers.in_memory:
-        jax.block_until_ready((hs, held))
 
 
 def _sparsity(li: int, masks: dict, keep: bool) -> dict[str, float]:

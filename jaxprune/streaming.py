@@ -180,10 +180,15 @@ class StreamedLayers:
         self.model.layers[li] = layer
         return layer
 
-    def close(self, li: int) -> None:
-        """Drops layer ``li``'s weights from :attr:`model`, and frees them now: a layer's
-        modules hold reference cycles, so without a collection its arrays live until Python's
-        collector next runs, beside the next layers' (four layers' MLPs at once, measured)."""
+    def close(self, li: int, pending=()) -> None:
+        """Drops layer ``li``'s weights from :attr:`model`, and frees them now.
+
+        Dispatch is asynchronous, so it first waits for ``pending`` (the arrays computed from
+        the layer): otherwise the next layers are read while queued computations still hold
+        every earlier one. And a layer's modules hold reference cycles, so without a collection
+        its arrays live until Python's collector next runs, beside the next layers' (four
+        layers' MLPs at once, measured)."""
+        jax.block_until_ready(pending)
         self.model.layers[li] = self._abstract_layers[li]
         gc.collect()
 
@@ -225,10 +230,7 @@ class StreamedLayers:
             for t in {h.shape[1] for h in hs}:
                 contexts[li, t] = self.model.layer_context(li, t)
             hs = [layerwise.apply_layer(graphdef, state, h, *contexts[li, h.shape[1]]) for h in hs]
-            # Wait for this layer's outputs before the next is read: otherwise the queued
-            # computations keep every layer read so far in memory.
-            jax.block_until_ready(hs)
-            self.close(li)
+            self.close(li, hs)
         return hs
 
 
