@@ -118,7 +118,6 @@ def _keep_lowest_pruned(
     pruned = key < v1
     tied = key == v1
     left = k - jnp.sum(pruned, axis=axis, keepdims=True, dtype=jnp.int32)
-    del key
     if tiebreak is not None:
         key2 = _sort_key(tiebreak)
         v2 = _kth_key(key2, tied, left, axis)

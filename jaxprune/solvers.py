@@ -270,7 +270,6 @@ def solve_masks(
         loss_fn, grad_fn, optimizer, step_size, schedule, steps, project
     )
     state = (initial_state_donating if donate_init else initial_state)(init, data)
-    del init
     history = np.full((len(HISTORY_KEYS), steps), np.nan, dtype=np.float64)
     done = 0
     manager = None
