@@ -49,14 +49,17 @@ class SolveResult:
       masks: the continuous masks, same pytree as the start point.
       history: per-step arrays (length ``steps``) ``loss``, ``attention``, ``grad_norm`` and
         ``step_size``, each measured at the iterate before that step's update.
-      final_loss: the loss at the returned masks.
+      final_loss: the loss at the returned masks (on all of ``data``).
       step_size: the initial step size used (derived or given).
+      initial_loss: the loss at the start point (on all of ``data``; with a ``minibatch``,
+        ``history["loss"][0]`` is the first batch's).
     """
 
     masks: Any
     history: dict[str, np.ndarray]
     final_loss: float
     step_size: float
+    initial_loss: float = float("nan")
 
 
 def _tree_dot(a, b):
@@ -116,7 +119,7 @@ def _autograd(loss_fn):
 
 
 @functools.cache
-def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, project):
+def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, project, minibatch):
     """The jit-compiled solver steps, built once per loss function and setting: a solve of the
     next layer with the same (identical) loss function reuses the compilations instead of
     tracing and compiling again (XLA caches by the function object)."""
@@ -153,6 +156,8 @@ def _compiled_steps(loss_fn, grad_fn, optimizer, step_size, schedule, steps, pro
 
     def optax_step(data, state, _):
         m = state["masks"]
+        if minibatch is not None:
+            data = minibatch(data, state["step"])
         loss, attn, g = evaluate(m, data)
         updates, opt_state = opt.update(g, state["opt"], m)
         new_m = _project(optax.apply_updates(m, updates), project)
@@ -209,6 +214,7 @@ def solve_masks(
     checkpoint_every: int | None = None,
     stop_after: int | None = None,
     donate_init: bool = False,
+    minibatch: Callable[[Any, jax.Array], Any] | None = None,
     progress: bool = True,
     desc: str = "solve",
 ) -> SolveResult:
@@ -234,6 +240,10 @@ def solve_masks(
       stop_after: stop (after checkpointing) once this many steps are done, to emulate a stop.
       donate_init: the solve may take ``init``'s buffers (its arrays are deleted, one mask set
         less in memory); only where the caller never reads ``init`` again.
+      minibatch: optional ``(data, step) -> data``, the part of ``data`` step ``step`` reads
+        (stochastic steps; optax optimisers only). The start's and the final loss read all of
+        ``data``. It is part of the compiled steps' cache key, so pass the same (hashable)
+        object for every solve of a setting; its ``repr`` goes into the checkpoint fingerprint.
       progress: show a tqdm bar.
       desc: label of the progress bar.
 
@@ -255,6 +265,11 @@ def solve_masks(
         raise ValueError(f"step_size must be positive, got {step_size}.")
     if optimizer != "gd" and step_size is None:
         raise ValueError(f"optimizer={optimizer!r} needs a step_size (learning rate).")
+    if minibatch is not None and optimizer == "gd":
+        raise ValueError(
+            "optimizer='gd' compares each step's loss with the last, so every step must read "
+            "the same data: use optimizer='adam' or 'sgd' with a minibatch."
+        )
     if checkpoint_every is not None and (checkpoint_every % chunk_steps or checkpoint_every < 1):
         raise ValueError(
             f"checkpoint_every={checkpoint_every} must be a positive multiple of "
@@ -267,9 +282,11 @@ def solve_masks(
         )
     step_size = float(step_size)
     run_chunk, initial_state, initial_state_donating = _compiled_steps(
-        loss_fn, grad_fn, optimizer, step_size, schedule, steps, project
+        loss_fn, grad_fn, optimizer, step_size, schedule, steps, project, minibatch
     )
     state = (initial_state_donating if donate_init else initial_state)(init, data)
+    # On all of data (the history's first loss is the first batch's with a minibatch).
+    start_loss = float(state["loss"])
     history = np.full((len(HISTORY_KEYS), steps), np.nan, dtype=np.float64)
     done = 0
     manager = None
@@ -284,13 +301,15 @@ def solve_masks(
         project=project,
         chunk_steps=chunk_steps,
     )
+    if minibatch is not None:
+        meta["minibatch"] = repr(minibatch)
     if checkpoint_dir is not None:
         manager = checkpoints.make_manager(checkpoint_dir)
         restored = checkpoints.restore_latest(manager, {"solver": state, "history": history}, meta)
         if restored is not None:
             done, tree = restored
             state, history = tree["solver"], np.asarray(tree["history"])
-    initial_loss = float(history[0, 0]) if done else float(state["loss"])
+    initial_loss = float(history[0, 0]) if done else start_loss
 
     # disable=None: tqdm hides itself when stderr is not a terminal (logs stay readable).
     bar = tqdm(
@@ -324,6 +343,7 @@ def solve_masks(
         history=dict(zip(HISTORY_KEYS, history[:, :done], strict=True)),
         final_loss=final,
         step_size=float(step_size),
+        initial_loss=start_loss,
     )
 
 

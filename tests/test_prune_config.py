@@ -69,7 +69,7 @@ def test_every_moved_key_lands_on_a_field_and_every_old_field_moved():
 
 # Fields added after the sections: a flat config (written before them) cannot hold them, and a
 # reader takes their defaults (resume.differences, table._same_settings).
-ADDED_SINCE = {"softmax.mask", "softmax.stages"}
+ADDED_SINCE = {"softmax.mask", "softmax.stages", "softmax.batch"}
 
 
 # Sections of the methods registered since (their keys are absent from old configs).

@@ -43,14 +43,16 @@ def by_hand(weights, x, stats, cfg):
         row_block=None,
         shape=(("spec", SPEC),),
     )
-    first = solve_masks(loss, setup.init, data=setup.data, steps=6, **solve_options(opts))
+    first = solve_masks(loss, setup.init, data=setup.data, steps=6, **solve_options(opts, None))
     fixed = {
         k: ~binarize(first.masks[k], 0.25, tiebreak=wanda_scores(w, stats))
         for k, w in weights.items()
     }
     kept = {k: jnp.where(fixed[k], 0.0, w) for k, w in weights.items()}
     start = {k: jnp.where(fixed[k], 0.0, m) for k, m in first.masks.items()}
-    second = solve_masks(loss, start, data=(kept, *setup.data[1:]), steps=6, **solve_options(opts))
+    second = solve_masks(
+        loss, start, data=(kept, *setup.data[1:]), steps=6, **solve_options(opts, None)
+    )
     return {
         k: binarize(
             jnp.where(fixed[k], -jnp.inf, second.masks[k]), 0.5, tiebreak=wanda_scores(w, stats)

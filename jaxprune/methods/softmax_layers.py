@@ -127,6 +127,7 @@ def prune_qk_softmax_layers(
     if (
         opts.optimizer == "gd"
         or opts.stages > 1  # staged rounding re-solves each layer on its own fixed zeros
+        or opts.batch is not None  # a step's batch slices one layer's sequences
         or mask_source(request, opts) != "solve"
         or len({x.shape for x in xs}) > 1
     ):
@@ -177,7 +178,13 @@ def _solve_batch(setups, request, opts, spec_kw, mesh, progress, desc):
             mesh, init, (weights, x, target, scale, values, extras, lam), stacked=True
         )
         res = solve_masks(
-            loss_fn, m, data=data, steps=steps, progress=progress, desc=label, **solve_options(opts)
+            loss_fn,
+            m,
+            data=data,
+            steps=steps,
+            progress=progress,
+            desc=label,
+            **solve_options(opts, sequences=None),
         )
         return res, m, data
 

@@ -150,6 +150,45 @@ def _update_loss(query_idx, shape, row_block=None):
     return loss_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceBatch:
+    """The attention term's data a solver step reads (``softmax.batch``): ``size`` of its
+    sequences, step ``s`` taking sequences ``s * size, ..., s * size + size - 1`` (modulo their
+    count), so consecutive steps walk through all of them in turn.
+
+    ``form`` names the solve whose data tuple it slices: ``"mask"`` (:func:`_mask_loss`'s
+    ``(weights, x, target, scale, values, extras)``) or ``"update"`` (:func:`_update_loss`'s).
+    The attention term is a mean over sequences and its scale is the dense mean over all of
+    them, so a batch's term estimates the whole term without bias."""
+
+    size: int
+    form: str
+
+    def __call__(self, data, step):
+        if self.form == "mask":
+            weights, x, target, scale, values, extras = data
+        else:
+            start, keep, rms, x, target, scale, values, dense, extras = data
+        idx = (step * self.size + jnp.arange(self.size)) % x.shape[0]
+        x = jnp.take(x, idx, axis=0)
+        # The target is (h, b, r, n) and the values' first member (h, b, n, dh).
+        target = None if target is None else jnp.take(target, idx, axis=1)
+        if values is not None:
+            values = (jnp.take(values[0], idx, axis=1), values[1])
+        if self.form == "mask":
+            return weights, x, target, scale, values, extras
+        return start, keep, rms, x, target, scale, values, dense, extras
+
+
+def sequence_batch(opts, sequences: int | None, form: str) -> SequenceBatch | None:
+    """The minibatch of ``opts.batch`` sequences, or ``None`` when every step reads all
+    ``sequences`` (no batch set, or one at least as large; ``None``: data a batch cannot
+    slice, such as a stack of layers)."""
+    if opts.batch is None or sequences is None or opts.batch >= sequences:
+        return None
+    return SequenceBatch(opts.batch, form)
+
+
 def _blocked_term(masks, weights, x, row_block, spec_kw, extras):
     return qk_attention_term_blocked(
         masks, weights, x, row_block=row_block, extras=extras, **spec_kw
@@ -222,7 +261,7 @@ def prune_qk_softmax(
     # Several devices: the solve's arrays are split over key/value groups (jaxprune.sharding).
     mesh = sharding.solve_mesh(spec.n_kv_heads)
     init, data = sharding.place_qk_solve(mesh, setup.init, setup.data)
-    solve_kw = dict(data=data, progress=progress, **solve_options(opts))
+    solve_kw = dict(data=data, progress=progress, **solve_options(opts, x.shape[0]))
 
     lam, searched = opts.lam, {}
     if opts.lam_search:
@@ -292,7 +331,7 @@ def _staged_solve(loss_fn, setup, weights, stats, request, opts, mesh, progress,
             steps=n_steps,
             progress=progress,
             desc=f"{desc} stage {stage}/{opts.stages}",
-            **solve_options(opts),
+            **solve_options(opts, setup.data[1].shape[0]),
         )
         masks = res.masks if mesh is None else sharding.gather(res.masks)
         masks = {k: jnp.where(pruned[k], 0.0, m) for k, m in masks.items()}
@@ -405,14 +444,16 @@ def solve_setup(
     return SolveSetup(init, data, query_idx, n_entries)
 
 
-def solve_options(opts) -> dict:
-    """The :func:`jaxprune.solvers.solve_masks` options of the mask solve."""
+def solve_options(opts, sequences: int | None) -> dict:
+    """The :func:`jaxprune.solvers.solve_masks` options of the mask solve on ``sequences``
+    attention-term sequences."""
     options = dict(
         optimizer=opts.optimizer,
         step_size=opts.lr,
         schedule=opts.schedule,
         project=True,
         chunk_steps=min(opts.steps, 25),
+        minibatch=sequence_batch(opts, sequences, "mask"),
     )
     if opts.optimizer == "gd" and opts.lr <= 0:
         options["step_size"] = None
@@ -511,6 +552,7 @@ def _softmax_update(weights, keep, x, request, opts, setup, spec_kw, progress, d
         extras=extras,
         steps=opts.update_steps,
         lr=opts.update_lr,
+        batch=opts.batch,
         progress=progress,
         desc=f"{desc} update",
         **spec_kw,
@@ -532,6 +574,7 @@ def reconstruct_qk_softmax(
     row_block=None,
     start=None,
     extras=None,
+    batch=None,
     progress=True,
     desc="update",
 ):
@@ -556,6 +599,7 @@ def reconstruct_qk_softmax(
       extras: the layer's q/k/v biases and q/k norm multipliers (``None``: none).
       start: kernels the update starts from (default ``weights`` under ``keep``; SparseGPT's
         updated kernels with ``softmax.mask=sparsegpt``); the target stays the dense one.
+      batch: sequences each step reads (:class:`SequenceBatch`; ``None``: all of them).
       progress, desc: the solver's progress bar.
 
     Returns:
@@ -593,11 +637,13 @@ def reconstruct_qk_softmax(
         step_size=lr,
         project=False,
         chunk_steps=min(steps, 25),
+        minibatch=None if batch is None or batch >= x.shape[0] else SequenceBatch(batch, "update"),
         progress=progress,
         desc=desc,
     )
     delta = res.masks if mesh is None else sharding.gather(res.masks)
-    before, after = float(res.history["attention"][0]), float(res.final_loss)
+    # The start's term on every sequence (the history's first is the first batch's).
+    before, after = res.initial_loss, float(res.final_loss)
     if after <= before:
         new = {k: jnp.where(keep[k], w + rms[k] * delta[k], 0) for k, w in start.items()}
         return new, dict(update_attention_before=before, update_attention_after=after)

@@ -1,0 +1,136 @@
+"""A batch of the attention term's sequences per solver step (``softmax.batch``): each step
+reads the next sequences in turn, the start's and final losses read all of them, and a stopped
+solve resumes on the same batches."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_run import QK_LAYER, qk_layer_problem
+
+from jaxprune.config import replace
+from jaxprune.methods.softmax_solve import (
+    SequenceBatch,
+    _mask_loss,
+    prune_qk_softmax,
+    solve_options,
+    solve_setup,
+)
+from jaxprune.models.spec import AttentionSpec
+from jaxprune.pipeline import PruneConfig, request_for
+from jaxprune.solvers import solve_masks
+
+D, H, G, DH, B, N = QK_LAYER
+SPEC = AttentionSpec(H, G, DH, 1e4)
+
+
+def config(**softmax):
+    return replace(
+        PruneConfig(),
+        method="softmax",
+        softmax={"steps": 12, "update_steps": 8, **softmax},
+        progress=False,
+    )
+
+
+def relaxed_solve(cfg, weights, x, stats, **kw):
+    """The continuous masks of the mask solve (before rounding)."""
+    request, opts = request_for(cfg), cfg.softmax
+    setup = solve_setup(weights, x, stats, request, opts, dict(spec=SPEC))
+    loss = _mask_loss(
+        lam=opts.lam,
+        n_entries=setup.n_entries,
+        query_idx=setup.query_idx,
+        row_block=None,
+        shape=(("spec", SPEC),),
+    )
+    options = solve_options(opts, x.shape[0]) | kw
+    return solve_masks(loss, setup.init, data=setup.data, steps=opts.steps, **options)
+
+
+def four_sequences(seed):
+    """Kernels, four input sequences (two problems' inputs) and the first problem's stats."""
+    weights, x, stats = qk_layer_problem(seed)
+    more = qk_layer_problem(seed + 100)[1]
+    return weights, jnp.concatenate([x, more])[:4], stats
+
+
+def test_each_step_reads_the_next_sequences_in_turn():
+    b = 5
+    x = jnp.arange(b, dtype=jnp.float32)[:, None, None] * jnp.ones((b, 2, 3))
+    target = jnp.arange(b, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, b, 2, 2))
+    values = (target[..., :1] + 10, jnp.ones((2, 1, 3)))
+    data = ({"q": jnp.ones(3)}, x, target, jnp.ones(()), values, None)
+    pick = SequenceBatch(3, "mask")
+    for step, want in [(0, [0, 1, 2]), (1, [3, 4, 0]), (2, [1, 2, 3])]:
+        _, xs, ts, _, vs, _ = pick(data, jnp.asarray(step))
+        np.testing.assert_array_equal(xs[:, 0, 0], want)
+        np.testing.assert_array_equal(ts[0, :, 0, 0], want)
+        np.testing.assert_array_equal(vs[0][0, :, 0, 0], np.asarray(want) + 10)
+        np.testing.assert_array_equal(vs[1], values[1])
+    # The update's data tuple: x at index 3, the target at 4, the values at 6.
+    update_data = (None, None, None, x, target, jnp.ones(()), values, None, None)
+    out = SequenceBatch(2, "update")(update_data, jnp.asarray(2))
+    np.testing.assert_array_equal(out[3][:, 0, 0], [4, 0])
+    np.testing.assert_array_equal(out[4][0, :, 0, 0], [4, 0])
+
+
+def test_batches_of_identical_sequences_give_the_full_solve():
+    """Every batch's term equals the whole term when the sequences are copies of one, so the
+    batched solve and update must land where the full ones do."""
+    weights, x, stats = qk_layer_problem(21)
+    copies = jnp.repeat(x[:1], 4, axis=0)
+    request = request_for(config(samples=4))
+    results = {}
+    for batch in (None, 2):
+        cfg = config(samples=4, batch=batch)
+        results[batch] = prune_qk_softmax(
+            weights, copies, stats, request, cfg.softmax, spec=SPEC, progress=False
+        )
+    (w_full, keep_full, info_full), (w_batch, keep_batch, info_batch) = results[None], results[2]
+    for k in ("q", "k"):
+        np.testing.assert_array_equal(keep_batch[k], keep_full[k])
+        np.testing.assert_allclose(w_batch[k], w_full[k], rtol=1e-5, atol=1e-6)
+    assert info_batch["update_attention_before"] == pytest.approx(
+        info_full["update_attention_before"], rel=1e-5
+    )
+
+
+def test_a_batched_solve_sees_every_sequence_and_reports_losses_on_all():
+    weights, four, stats = four_sequences(22)
+    batched = relaxed_solve(config(samples=4, batch=2), weights, four, stats)
+    first_two = relaxed_solve(config(samples=2), weights, four[:2], stats)
+    full = relaxed_solve(config(samples=4), weights, four, stats)
+    for k in ("q", "k"):
+        assert not np.allclose(batched.masks[k], first_two.masks[k])
+        assert not np.allclose(batched.masks[k], full.masks[k])
+    # The start's loss is on all four sequences (the full solve's), not on the first batch.
+    assert batched.initial_loss == pytest.approx(full.initial_loss, rel=1e-6)
+    assert batched.history["loss"][0] != pytest.approx(full.initial_loss, rel=1e-6)
+
+
+def test_a_stopped_batched_solve_resumes_on_the_same_batches(tmp_path):
+    weights, four, stats = four_sequences(23)
+    cfg = config(samples=4, batch=2, steps=20)
+    kw = dict(chunk_steps=5, checkpoint_every=5)
+    whole = relaxed_solve(cfg, weights, four, stats)
+    relaxed_solve(cfg, weights, four, stats, checkpoint_dir=tmp_path, stop_after=10, **kw)
+    resumed = relaxed_solve(cfg, weights, four, stats, checkpoint_dir=tmp_path, **kw)
+    for k in ("q", "k"):
+        np.testing.assert_array_equal(resumed.masks[k], whole.masks[k])
+    np.testing.assert_array_equal(resumed.history["loss"], whole.history["loss"])
+
+
+def test_a_batch_with_plain_gradient_descent_is_refused():
+    with pytest.raises(ValueError, match=r"softmax\.batch needs a stochastic optimiser"):
+        config(batch=2, optimizer="gd", lr=0.0)
+    with pytest.raises(ValueError, match="every step must read the same data"):
+        solve_masks(
+            lambda m, d: (jnp.sum(m * m), {}),
+            jnp.ones(3),
+            steps=2,
+            optimizer="gd",
+            minibatch=SequenceBatch(1, "mask"),
+            progress=False,
+        )
