@@ -160,6 +160,11 @@ class RunConfig:
         },
     }
 
+    # Settings added after runs were stored whose default is not what those runs computed with:
+    # a stored config without the key read as this value (flat_settings), so it matches and
+    # resumes only as what it ran.
+    LEGACY_VALUES: ClassVar[dict[str, Any]] = {"softmax.batch": None}
+
     def __post_init__(self):
         if self.pattern == "row":
             raise ValueError("pattern='row' is now pattern='unstructured' with group='output'.")
@@ -214,7 +219,9 @@ def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
     Reads both forms a ``metrics.json`` or ``run.json`` may hold: the nested one (``{"softmax":
     {"lam": 0.1}}``) and the flat one of runs stored before the sections (``{"lam": 0.1}``, each
     old key moved to its place by :data:`PruneConfig.MOVED_KEYS`). Already flat dotted mappings
-    come back unchanged, so the result can be compared key by key.
+    come back unchanged, so the result can be compared key by key. A key of
+    :data:`PruneConfig.LEGACY_VALUES` missing beside others of its section gets the value the
+    runs before it computed with.
     """
     out = {}
     for key, value in config.items():
@@ -222,6 +229,11 @@ def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
             out.update(_dotted(value, f"{key}."))
         else:
             out[PruneConfig.MOVED_KEYS.get(key, key)] = value
+    # A stored config with the key's section but not the key ran before it existed.
+    for key, value in PruneConfig.LEGACY_VALUES.items():
+        section = key.split(".")[0] + "."
+        if key not in out and any(k.startswith(section) for k in out):
+            out[key] = value
     return out
 
 

@@ -101,7 +101,10 @@ def test_flat_settings_read_nested_flat_and_dotted_configs_alike():
     assert nested["softmax"]["lam"] == 0.03 and "lam" not in nested
     flat = old_flat(nested)
     assert flat["lam"] == 0.03 and "softmax" not in flat
-    assert flat_settings(flat) == without_added(flat_settings(nested))
+    assert without_added(flat_settings(flat)) == without_added(flat_settings(nested))
+    # A key added since, whose default differs from what the old runs computed with, reads as
+    # what they computed with.
+    assert flat_settings(flat)["softmax.batch"] is None and nested["softmax"]["batch"] == 4
     assert flat_settings(flat_settings(nested)) == flat_settings(nested)
     assert flat_settings(nested)["softmax.lam"] == 0.03
 
@@ -191,17 +194,42 @@ def test_a_new_softmax_default_keeps_the_baseline_rows_and_finds_the_matching_so
     run_dir = FULL / "runs" / Path(sparsegpt["run_dir"]).name
     stored = json.loads((run_dir / "metrics.json").read_text())["config"]
     assert stored["update"] == "none" and rows["sparsegpt qk 50%"].softmax.update == "softmax"
-    assert Path(_reusable(FULL, rows["softmax qk 50%"])["run_dir"]).name == "20261130-062343"
+    assert (
+        Path(_reusable(FULL, rows["softmax qk 50% (4 sequences)"])["run_dir"]).name
+        == "20261130-062343"
+    )
+
+
+def test_runs_from_before_the_batch_match_only_rows_without_one():
+    """``softmax.batch`` came with a default of 4 (16 sequences, 4 per step): the runs stored
+    before it used every sequence in every step, so they match the rows with ``batch: null``,
+    never the default rows, although their configs lack the key."""
+    from jaxprune.table import _reusable, _same_settings
+
+    rows = _table().row_configs()
+    every_step = _reusable(FULL, rows["softmax qk 50% (16 sequences per step)"])
+    stored = json.loads(
+        (FULL / "runs" / Path(every_step["run_dir"]).name / "metrics.json").read_text()
+    )
+    assert "batch" not in stored["config"]["softmax"]
+    assert stored["config"]["softmax"]["samples"] == rows["softmax qk 50%"].softmax.samples
+    assert not _same_settings(stored["config"], to_dict(rows["softmax qk 50%"]))
+    default = _reusable(FULL, rows["softmax qk 50%"])
+    assert default is not None and default["run_dir"] != every_step["run_dir"]
+    assert default["config"]["softmax"]["batch"] == 4
 
 
 def test_a_run_started_with_flat_settings_resumes_and_names_dotted_differences(tmp_path):
     from jaxprune import resume
     from jaxprune.errors import ResumeError
 
-    cfg = from_dict(PruneConfig, {"method": "softmax", "softmax.lam": 0.03})
+    # batch null: what every run stored before softmax.batch existed computed with.
+    cfg = from_dict(PruneConfig, {"method": "softmax", "softmax.lam": 0.03, "softmax.batch": None})
     nested = to_dict(cfg)
     flat = old_flat(nested)
-    assert resume.fingerprint(flat) == without_added(resume.fingerprint(nested))
+    assert resume.fingerprint(flat) == without_added(resume.fingerprint(nested)) | {
+        "softmax.batch": None
+    }
     assert resume.fingerprint(resume.fingerprint(nested)) == resume.fingerprint(nested)
     resume.write_run_file(tmp_path, flat, "jaxprune prune --method softmax --lam 0.03")
     defaults = to_dict(PruneConfig())
@@ -209,6 +237,10 @@ def test_a_run_started_with_flat_settings_resumes_and_names_dotted_differences(t
     other = to_dict(replace(cfg, softmax={"lam": 0.1}))
     with pytest.raises(ResumeError, match=r"\(softmax.lam: 0.03 there, 0.1 now\)"):
         resume.check_resumable(tmp_path, other, defaults)
+    # Today's default batch computes otherwise than the stored run did: refused, named.
+    batched = to_dict(replace(cfg, softmax={"batch": 4}))
+    with pytest.raises(ResumeError, match=r"softmax.batch: None there, 4 now"):
+        resume.check_resumable(tmp_path, batched, defaults)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +278,7 @@ def test_each_2_4_row_reuses_the_run_of_its_own_mask_source():
     found = {
         name: _reusable(FULL, rows[name])
         for name in (
-            "softmax qk 2:4",
+            "softmax qk 2:4 (4 sequences)",
             "softmax qk 2:4 (SparseGPT mask + softmax update)",
             "softmax qk 2:4 (solved mask)",
         )

@@ -4,12 +4,14 @@ solve resumes on the same batches."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_run import QK_LAYER, qk_layer_problem
 
 from jaxprune.config import replace
+from jaxprune.methods.softmax_layers import prune_qk_softmax_layers
 from jaxprune.methods.softmax_solve import (
     SequenceBatch,
     _mask_loss,
@@ -122,9 +124,14 @@ def test_a_stopped_batched_solve_resumes_on_the_same_batches(tmp_path):
     np.testing.assert_array_equal(resumed.history["loss"], whole.history["loss"])
 
 
-def test_a_batch_with_plain_gradient_descent_is_refused():
-    with pytest.raises(ValueError, match=r"softmax\.batch needs a stochastic optimiser"):
-        config(batch=2, optimizer="gd", lr=0.0)
+def test_plain_gradient_descent_reads_every_sequence_and_a_solver_batch_for_it_is_refused():
+    """GD's accept-or-halve rule compares losses on the same data: with softmax.optimizer gd
+    every step reads every sequence (the batch applies to Adam and SGD), and the solver refuses
+    a minibatch for GD outright."""
+    opts = config(batch=2, optimizer="gd", lr=0.0).softmax
+    assert solve_options(opts, 4)["minibatch"] is None
+    assert solve_options(config(batch=2).softmax, 4)["minibatch"] == SequenceBatch(2, "mask")
+    assert solve_options(config(batch=4).softmax, 4)["minibatch"] is None
     with pytest.raises(ValueError, match="every step must read the same data"):
         solve_masks(
             lambda m, d: (jnp.sum(m * m), {}),
@@ -134,3 +141,31 @@ def test_a_batch_with_plain_gradient_descent_is_refused():
             minibatch=SequenceBatch(1, "mask"),
             progress=False,
         )
+
+
+def test_layers_solved_together_with_a_batch_match_one_by_one():
+    """Independent layers stacked into one solve (``calibration.layer_inputs: dense``) take
+    each step's batch along their own sequence axis: the same masks and weights as each layer
+    solved alone."""
+    problems = [four_sequences(seed) for seed in (31, 32, 33)]
+    cfg = config(samples=4, batch=2)
+    request, opts = request_for(cfg), cfg.softmax
+    alone = [
+        prune_qk_softmax(w, x, s, request, opts, spec=SPEC, progress=False) for w, x, s in problems
+    ]
+    together = prune_qk_softmax_layers(
+        *zip(*problems, strict=True),
+        request,
+        opts,
+        spec=SPEC,
+        devices=jax.devices()[:1],
+        progress=False,
+    )
+    assert [info["batch_layers"] for _, _, info in together] == [3, 3, 3]
+    for (w_ref, keep_ref, info_ref), (w_out, keep_out, info_out) in zip(
+        alone, together, strict=True
+    ):
+        for k in ("q", "k"):
+            np.testing.assert_array_equal(keep_out[k], keep_ref[k])
+            np.testing.assert_allclose(w_out[k], w_ref[k], rtol=1e-4, atol=1e-5)
+        assert info_out["final_loss"] == pytest.approx(info_ref["final_loss"], rel=1e-4)

@@ -43,7 +43,9 @@ def by_hand(weights, x, stats, cfg):
         row_block=None,
         shape=(("spec", SPEC),),
     )
-    first = solve_masks(loss, setup.init, data=setup.data, steps=6, **solve_options(opts, None))
+    first = solve_masks(
+        loss, setup.init, data=setup.data, steps=6, **solve_options(opts, setup.data[1].shape[0])
+    )
     fixed = {
         k: ~binarize(first.masks[k], 0.25, tiebreak=wanda_scores(w, stats))
         for k, w in weights.items()
@@ -51,7 +53,11 @@ def by_hand(weights, x, stats, cfg):
     kept = {k: jnp.where(fixed[k], 0.0, w) for k, w in weights.items()}
     start = {k: jnp.where(fixed[k], 0.0, m) for k, m in first.masks.items()}
     second = solve_masks(
-        loss, start, data=(kept, *setup.data[1:]), steps=6, **solve_options(opts, None)
+        loss,
+        start,
+        data=(kept, *setup.data[1:]),
+        steps=6,
+        **solve_options(opts, setup.data[1].shape[0]),
     )
     return {
         k: binarize(

@@ -127,7 +127,6 @@ def prune_qk_softmax_layers(
     if (
         opts.optimizer == "gd"
         or opts.stages > 1  # staged rounding re-solves each layer on its own fixed zeros
-        or opts.batch is not None  # a step's batch slices one layer's sequences
         or mask_source(request, opts) != "solve"
         or len({x.shape for x in xs}) > 1
     ):
@@ -184,7 +183,7 @@ def _solve_batch(setups, request, opts, spec_kw, mesh, progress, desc):
             steps=steps,
             progress=progress,
             desc=label,
-            **solve_options(opts, sequences=None),
+            **solve_options(opts, x.shape[1], "layers"),
         )
         return res, m, data
 

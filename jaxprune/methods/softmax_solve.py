@@ -157,34 +157,39 @@ class SequenceBatch:
     count), so consecutive steps walk through all of them in turn.
 
     ``form`` names the solve whose data tuple it slices: ``"mask"`` (:func:`_mask_loss`'s
-    ``(weights, x, target, scale, values, extras)``) or ``"update"`` (:func:`_update_loss`'s).
-    The attention term is a mean over sequences and its scale is the dense mean over all of
-    them, so a batch's term estimates the whole term without bias."""
+    ``(weights, x, target, scale, values, extras)``), ``"layers"`` (the same with a leading
+    layer axis on every array, and ``lam``, as :mod:`jaxprune.methods.softmax_layers` stacks
+    them) or ``"update"`` (:func:`_update_loss`'s). The attention term is a mean over sequences
+    and its scale is the dense mean over all of them, so a batch's term estimates the whole term
+    without bias."""
 
     size: int
     form: str
 
     def __call__(self, data, step):
-        if self.form == "mask":
-            weights, x, target, scale, values, extras = data
-        else:
+        if self.form == "update":
             start, keep, rms, x, target, scale, values, dense, extras = data
-        idx = (step * self.size + jnp.arange(self.size)) % x.shape[0]
-        x = jnp.take(x, idx, axis=0)
-        # The target is (h, b, r, n) and the values' first member (h, b, n, dh).
-        target = None if target is None else jnp.take(target, idx, axis=1)
+        else:
+            weights, x, target, scale, values, extras, *lam = data
+        # Sequences are axis 0 of x, axis 1 of the target (h, b, r, n) and of the values' first
+        # member (h, b, n, dh); one further with a leading layer axis.
+        shift = int(self.form == "layers")
+        idx = (step * self.size + jnp.arange(self.size)) % x.shape[shift]
+        x = jnp.take(x, idx, axis=shift)
+        target = None if target is None else jnp.take(target, idx, axis=1 + shift)
         if values is not None:
-            values = (jnp.take(values[0], idx, axis=1), values[1])
-        if self.form == "mask":
-            return weights, x, target, scale, values, extras
-        return start, keep, rms, x, target, scale, values, dense, extras
+            values = (jnp.take(values[0], idx, axis=1 + shift), values[1])
+        if self.form == "update":
+            return start, keep, rms, x, target, scale, values, dense, extras
+        return (weights, x, target, scale, values, extras, *lam)
 
 
-def sequence_batch(opts, sequences: int | None, form: str) -> SequenceBatch | None:
-    """The minibatch of ``opts.batch`` sequences, or ``None`` when every step reads all
-    ``sequences`` (no batch set, or one at least as large; ``None``: data a batch cannot
-    slice, such as a stack of layers)."""
-    if opts.batch is None or sequences is None or opts.batch >= sequences:
+def sequence_batch(opts, sequences: int | None, form: str = "mask") -> SequenceBatch | None:
+    """The minibatch of ``opts.batch`` of ``sequences`` in the ``form`` of
+    :class:`SequenceBatch`, or ``None`` when every step reads all of them: no batch set, one at
+    least as large, or plain gradient descent, whose accept-or-halve rule compares losses on the
+    same data."""
+    if opts.batch is None or opts.batch >= sequences or opts.optimizer == "gd":
         return None
     return SequenceBatch(opts.batch, form)
 
@@ -444,16 +449,16 @@ def solve_setup(
     return SolveSetup(init, data, query_idx, n_entries)
 
 
-def solve_options(opts, sequences: int | None) -> dict:
+def solve_options(opts, sequences: int, form: str = "mask") -> dict:
     """The :func:`jaxprune.solvers.solve_masks` options of the mask solve on ``sequences``
-    attention-term sequences."""
+    attention-term sequences (``form`` as :class:`SequenceBatch`'s)."""
     options = dict(
         optimizer=opts.optimizer,
         step_size=opts.lr,
         schedule=opts.schedule,
         project=True,
         chunk_steps=min(opts.steps, 25),
-        minibatch=sequence_batch(opts, sequences, "mask"),
+        minibatch=sequence_batch(opts, sequences, form),
     )
     if opts.optimizer == "gd" and opts.lr <= 0:
         options["step_size"] = None
