@@ -53,6 +53,8 @@ class SolveResult:
       step_size: the initial step size used (derived or given).
       initial_loss: the loss at the start point (on all of ``data``; with a ``minibatch``,
         ``history["loss"][0]`` is the first batch's).
+      final_attention: ``aux["attention"]`` (else the loss) at the returned masks, on all of
+        ``data``.
     """
 
     masks: Any
@@ -60,6 +62,7 @@ class SolveResult:
     final_loss: float
     step_size: float
     initial_loss: float = float("nan")
+    final_attention: float = float("nan")
 
 
 def _tree_dot(a, b):
@@ -309,7 +312,6 @@ def solve_masks(
         if restored is not None:
             done, tree = restored
             state, history = tree["solver"], np.asarray(tree["history"])
-    initial_loss = float(history[0, 0]) if done else start_loss
 
     # disable=None: tqdm hides itself when stderr is not a terminal (logs stay readable).
     bar = tqdm(
@@ -321,7 +323,7 @@ def solve_masks(
             state, rec = run_chunk(state, data, length)
             rec = np.asarray(rec, dtype=np.float64)
             history[:, done : done + length] = rec
-            _check_divergence(rec[0], done, initial_loss, divergence_factor, step_size)
+            _check_divergence(rec[0], done, start_loss, divergence_factor, step_size)
             done += length
             bar.update(length)
             bar.set_postfix(loss=f"{rec[0, -1]:.4g}")
@@ -333,7 +335,11 @@ def solve_masks(
         bar.close()
         if manager is not None:
             manager.close()
-    final = float(state["loss"]) if optimizer == "gd" else float(loss_fn(state["masks"], data)[0])
+    if optimizer == "gd":  # the state holds the loss at its masks, on all of data
+        final, final_attention = float(state["loss"]), float(state["attn"])
+    else:
+        loss, aux = loss_fn(state["masks"], data)
+        final, final_attention = float(loss), float(aux.get("attention", loss))
     if not np.isfinite(final):
         raise SolveDivergedError(
             f"the loss is {final} after step {done}; use a smaller step_size than {step_size:.3g}."
@@ -344,6 +350,7 @@ def solve_masks(
         final_loss=final,
         step_size=float(step_size),
         initial_loss=start_loss,
+        final_attention=final_attention,
     )
 
 

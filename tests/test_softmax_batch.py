@@ -112,6 +112,24 @@ def test_a_batched_solve_sees_every_sequence_and_reports_losses_on_all():
     assert batched.history["loss"][0] != pytest.approx(full.initial_loss, rel=1e-6)
 
 
+def test_a_batched_layer_records_its_losses_on_every_sequence():
+    """The layer's facts (``initial_loss``, ``final_attention_term``, which the run's warnings
+    compare) are on all sequences, not on the first or last step's batch: the start's loss is
+    the unbatched solve's, and the final term is the term at the returned masks."""
+    weights, four, stats = four_sequences(24)
+    cfg = config(samples=4, batch=2, update="none")
+    request, opts = request_for(cfg), cfg.softmax
+    batched = prune_qk_softmax(weights, four, stats, request, opts, spec=SPEC, progress=False)[2]
+    full_cfg = config(samples=4, batch=None, update="none")
+    full = prune_qk_softmax(
+        weights, four, stats, request_for(full_cfg), full_cfg.softmax, spec=SPEC, progress=False
+    )[2]
+    assert batched["initial_loss"] == pytest.approx(full["initial_loss"], rel=1e-6)
+    res = relaxed_solve(cfg, weights, four, stats)
+    assert batched["final_attention_term"] == pytest.approx(res.final_attention, rel=1e-6)
+    assert res.final_attention != pytest.approx(float(res.history["attention"][-1]), rel=1e-6)
+
+
 def test_a_stopped_batched_solve_resumes_on_the_same_batches(tmp_path):
     weights, four, stats = four_sequences(23)
     cfg = config(samples=4, batch=2, steps=20)

@@ -295,9 +295,11 @@ def prune_qk_softmax(
         lam=lam,
         lam_search=searched,
         mask_mean=float(np.mean([float(jnp.mean(m)) for m in masks.values()])),
-        initial_loss=float(res.history["loss"][0]),
+        # At the start and the returned masks, on every sequence (with softmax.batch the
+        # history holds each step's batch).
+        initial_loss=res.initial_loss,
         final_loss=res.final_loss,
-        final_attention_term=float(res.history["attention"][-1]),
+        final_attention_term=res.final_attention,
     )
     # The relaxed masks and the start are not needed by the update: freed before it runs (a
     # streaming run's peak is this layer's update).
