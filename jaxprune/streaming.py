@@ -55,6 +55,14 @@ _MASK = "mask."
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def _glibc(name: str):
+    """glibc's function ``name``, or ``None`` where the C library is not glibc."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_freed_memory() -> bool:
     """Make glibc give freed memory back to the system at once: allocations of 256 KiB or more
     become their own mappings (unmapped when freed), and the heap is trimmed above 1 MiB free.
@@ -64,10 +72,8 @@ def return_freed_memory() -> bool:
     stays resident: on a 1.1B model its peak grew with every layer (1.15 GiB, 0.56 of the
     bfloat16 file, against 0.83 GiB with these settings). Returns False where the C library is
     not glibc (nothing is changed there)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 256 << 10) and mallopt(_M_TRIM_THRESHOLD, 1 << 20))
 
@@ -80,9 +86,8 @@ def trim_heaps() -> bool:
     after each layer lowered the softmax-aware float32 streaming peak on a 1.1B model from
     1.05 to 0.96 GiB (0.51 to 0.47 of its bfloat16 file). Returns False where the C library is
     not glibc (nothing is done)."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True

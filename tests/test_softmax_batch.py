@@ -8,23 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_run import QK_LAYER, qk_layer_problem
+from tiny_run import qk_layer_problem, qk_layer_spec, qk_mask_solve
 
 from jaxprune.config import replace
 from jaxprune.methods.softmax_layers import prune_qk_softmax_layers
 from jaxprune.methods.softmax_solve import (
     SequenceBatch,
-    _mask_loss,
     prune_qk_softmax,
     solve_options,
-    solve_setup,
 )
-from jaxprune.models.spec import AttentionSpec
 from jaxprune.pipeline import PruneConfig, request_for
 from jaxprune.solvers import solve_masks
 
-D, H, G, DH, B, N = QK_LAYER
-SPEC = AttentionSpec(H, G, DH, 1e4)
+SPEC = qk_layer_spec()
 
 
 def config(**softmax):
@@ -38,17 +34,8 @@ def config(**softmax):
 
 def relaxed_solve(cfg, weights, x, stats, **kw):
     """The continuous masks of the mask solve (before rounding)."""
-    request, opts = request_for(cfg), cfg.softmax
-    setup = solve_setup(weights, x, stats, request, opts, dict(spec=SPEC))
-    loss = _mask_loss(
-        lam=opts.lam,
-        n_entries=setup.n_entries,
-        query_idx=setup.query_idx,
-        row_block=None,
-        shape=(("spec", SPEC),),
-    )
-    options = solve_options(opts, x.shape[0]) | kw
-    return solve_masks(loss, setup.init, data=setup.data, steps=opts.steps, **options)
+    setup, loss, options = qk_mask_solve(cfg, weights, x, stats)
+    return solve_masks(loss, setup.init, data=setup.data, steps=cfg.softmax.steps, **options | kw)
 
 
 def four_sequences(seed):

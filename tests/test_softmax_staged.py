@@ -7,18 +7,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_run import QK_LAYER, qk_layer_problem
+from tiny_run import QK_LAYER, qk_layer_problem, qk_layer_spec, qk_mask_solve
 
 from jaxprune.config import replace
 from jaxprune.masks import binarize
-from jaxprune.methods.softmax_solve import _mask_loss, prune_qk_softmax, solve_options, solve_setup
+from jaxprune.methods.softmax_solve import prune_qk_softmax
 from jaxprune.methods.wanda import wanda_scores
-from jaxprune.models.spec import AttentionSpec
 from jaxprune.pipeline import PruneConfig, request_for
 from jaxprune.solvers import solve_masks
 
-D, H, G, DH, B, N = QK_LAYER
-SPEC = AttentionSpec(H, G, DH, 1e4)
+D = QK_LAYER[0]
+SPEC = qk_layer_spec()
 
 
 def config(**softmax):
@@ -34,31 +33,15 @@ def by_hand(weights, x, stats, cfg):
     """Two stages written out: 6 steps, fix the lowest quarter of each matrix (by mask, Wanda
     tie-break) at zero, 6 steps without those weights, then the final rounding to half with the
     fixed entries first."""
-    request, opts = request_for(cfg), cfg.softmax
-    setup = solve_setup(weights, x, stats, request, opts, dict(spec=SPEC))
-    loss = _mask_loss(
-        lam=opts.lam,
-        n_entries=setup.n_entries,
-        query_idx=setup.query_idx,
-        row_block=None,
-        shape=(("spec", SPEC),),
-    )
-    first = solve_masks(
-        loss, setup.init, data=setup.data, steps=6, **solve_options(opts, setup.data[1].shape[0])
-    )
+    setup, loss, options = qk_mask_solve(cfg, weights, x, stats)
+    first = solve_masks(loss, setup.init, data=setup.data, steps=6, **options)
     fixed = {
         k: ~binarize(first.masks[k], 0.25, tiebreak=wanda_scores(w, stats))
         for k, w in weights.items()
     }
     kept = {k: jnp.where(fixed[k], 0.0, w) for k, w in weights.items()}
     start = {k: jnp.where(fixed[k], 0.0, m) for k, m in first.masks.items()}
-    second = solve_masks(
-        loss,
-        start,
-        data=(kept, *setup.data[1:]),
-        steps=6,
-        **solve_options(opts, setup.data[1].shape[0]),
-    )
+    second = solve_masks(loss, start, data=(kept, *setup.data[1:]), steps=6, **options)
     return {
         k: binarize(
             jnp.where(fixed[k], -jnp.inf, second.masks[k]), 0.5, tiebreak=wanda_scores(w, stats)

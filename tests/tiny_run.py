@@ -193,3 +193,31 @@ def qk_layer_problem(seed):
     }
     x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
     return weights, x, update_stats(init_stats(d), x)
+
+
+def qk_layer_spec():
+    """The attention of :data:`QK_LAYER` (RoPE base 1e4)."""
+    from jaxprune.models.spec import AttentionSpec
+
+    _, h, g, dh, _, _ = QK_LAYER
+    return AttentionSpec(h, g, dh, 1e4)
+
+
+def qk_mask_solve(cfg, weights, x, stats):
+    """The mask solve of one :data:`QK_LAYER` layer under the run config ``cfg``, written out
+    as ``prune_qk_softmax`` sets it up: ``(setup, loss_fn, options)``, ``options`` being
+    :func:`~jaxprune.methods.softmax_solve.solve_options` for ``x``'s sequences."""
+    from jaxprune.methods.softmax_solve import _mask_loss, solve_options, solve_setup
+    from jaxprune.pipeline import request_for
+
+    spec = qk_layer_spec()
+    opts = cfg.softmax
+    setup = solve_setup(weights, x, stats, request_for(cfg), opts, dict(spec=spec))
+    loss = _mask_loss(
+        lam=opts.lam,
+        n_entries=setup.n_entries,
+        query_idx=setup.query_idx,
+        row_block=None,
+        shape=(("spec", spec),),
+    )
+    return setup, loss, solve_options(opts, x.shape[0])

@@ -184,14 +184,15 @@ class SequenceBatch:
         return (weights, x, target, scale, values, extras, *lam)
 
 
-def sequence_batch(opts, sequences: int | None, form: str = "mask") -> SequenceBatch | None:
-    """The minibatch of ``opts.batch`` of ``sequences`` in the ``form`` of
-    :class:`SequenceBatch`, or ``None`` when every step reads all of them: no batch set, one at
-    least as large, or plain gradient descent, whose accept-or-halve rule compares losses on the
-    same data."""
-    if opts.batch is None or opts.batch >= sequences or opts.optimizer == "gd":
+def sequence_batch(
+    size: int | None, sequences: int, form: str = "mask", optimizer: str = "adam"
+) -> SequenceBatch | None:
+    """The minibatch of ``size`` of ``sequences`` in the ``form`` of :class:`SequenceBatch`,
+    or ``None`` when every step reads all of them: no size set, one at least as large, or plain
+    gradient descent, whose accept-or-halve rule compares losses on the same data."""
+    if size is None or size >= sequences or optimizer == "gd":
         return None
-    return SequenceBatch(opts.batch, form)
+    return SequenceBatch(size, form)
 
 
 def _blocked_term(masks, weights, x, row_block, spec_kw, extras):
@@ -460,7 +461,7 @@ def solve_options(opts, sequences: int, form: str = "mask") -> dict:
         schedule=opts.schedule,
         project=True,
         chunk_steps=min(opts.steps, 25),
-        minibatch=sequence_batch(opts, sequences, form),
+        minibatch=sequence_batch(opts.batch, sequences, form, opts.optimizer),
     )
     if opts.optimizer == "gd" and opts.lr <= 0:
         options["step_size"] = None
@@ -644,7 +645,7 @@ def reconstruct_qk_softmax(
         step_size=lr,
         project=False,
         chunk_steps=min(steps, 25),
-        minibatch=None if batch is None or batch >= x.shape[0] else SequenceBatch(batch, "update"),
+        minibatch=sequence_batch(batch, x.shape[0], "update"),
         progress=progress,
         desc=desc,
     )
