@@ -70,6 +70,22 @@ def _xla_nll():
     return jax.jit(nll, static_argnums=0)
 
 
+def _xla_matmul_nll():
+    """The NLL with the fused attention and head but XLA's products in the projections (the
+    matmul kernel's minimum row count raised past any batch while tracing), to measure what the
+    matmul kernel adds."""
+    from unittest import mock
+
+    from jaxprune.kernels import matmul
+    from jaxprune.models import llama as model_lib
+
+    def nll(graphdef, state, tokens):
+        with mock.patch.object(matmul, "MIN_ROWS", 1 << 62):
+            return model_lib._token_nll(nnx.merge(graphdef, state), tokens)
+
+    return jax.jit(nll, static_argnums=0)
+
+
 def _time_ours(graphdef, state, batches, token_nll=None) -> tuple[float, float]:
     if token_nll is None:
         from jaxprune.models.llama import token_nll
@@ -179,9 +195,15 @@ def main() -> None:
         probe[0, 0, 0], probe[0, 0, 0]
     )
     xla = _xla_nll() if fused else None
-    if xla is not None:
-        _time_ours(graphdef, state, ours_batches[:1], xla)
-    ours_s, torch_s, direct_s, xla_s, dot_flops = [], [], [], [], []
+    from jaxprune.kernels import matmul
+
+    rows = jnp.zeros((args.batch_size * args.seq_len, 1), jnp.float32)
+    matmul_on = matmul.applies(rows, rows[:1], (((1,), (0,)), ((), ())), None)
+    xla_matmul = _xla_matmul_nll() if matmul_on else None
+    for other in (xla, xla_matmul):
+        if other is not None:
+            _time_ours(graphdef, state, ours_batches[:1], other)
+    ours_s, torch_s, direct_s, xla_s, xla_matmul_s, dot_flops = [], [], [], [], [], []
     for _ in range(args.repeats):
         ours_s.append(_time_ours(graphdef, state, ours_batches)[0])
         torch_s.append(_time_torch(hf, torch_batches)[0])
@@ -190,6 +212,8 @@ def main() -> None:
             direct_s.append(_time_ours(graphdef, state, ours_batches, direct)[0])
         if xla is not None:
             xla_s.append(_time_ours(graphdef, state, ours_batches, xla)[0])
+        if xla_matmul is not None:
+            xla_matmul_s.append(_time_ours(graphdef, state, ours_batches, xla_matmul)[0])
 
     ours_tps = tokens / statistics.median(ours_s)
     torch_tps = tokens / statistics.median(torch_s)
@@ -202,7 +226,9 @@ def main() -> None:
         f"jax backend: {jax.default_backend()} ({jax.device_count()} device(s)); "
         f"torch threads: {torch.get_num_threads()}"
     )
-    kernels = "fused (attention, head NLL)" if xla is not None else "XLA's (no fused kernel here)"
+    kernels = "XLA's (no fused kernel here)"
+    if xla is not None:
+        kernels = "fused (attention, head NLL" + (", matmul)" if matmul_on else ")")
     print(f"jaxprune CPU kernels: {kernels}")
     print(f"first-batch NLL sum: jaxprune {nll_ours:.3f}, transformers {nll_torch:.3f}")
     for name, tps, times in (
@@ -233,6 +259,11 @@ def main() -> None:
         print(f"{'jaxprune, XLA only':22s} {xla_tps:10.1f} tokens/s (JAXPRUNE_CPU_KERNELS=xla)")
         print(f"ratio XLA only / transformers: {xla_tps / torch_tps:.2f}")
         print(f"ratio fused / XLA only: {ours_tps / xla_tps:.2f}")
+    if xla_matmul_s:
+        other_tps = tokens / statistics.median(xla_matmul_s)
+        print(f"{'jaxprune, XLA matmul':22s} {other_tps:10.1f} tokens/s (fused attention and head)")
+        print(f"ratio XLA matmul / transformers: {other_tps / torch_tps:.2f}")
+        print(f"ratio with / without the matmul kernel: {ours_tps / other_tps:.2f}")
 
 
 if __name__ == "__main__":

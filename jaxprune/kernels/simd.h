@@ -53,28 +53,41 @@ inline vf exp_nonpositive(vf x) {
   return dead ? splat(0.0f) : out;
 }
 
-// Columns of a packed panel block, and rows of the register block that multiplies it.
+// Columns of a packed panel block, and rows of the register block that multiplies it: the
+// block's accumulators (kPanelRows x 2 vectors), the panel's two vectors and a broadcast fill the
+// vector registers: 32 with AVX-512 (14 rows), 16 elsewhere (6 rows).
 constexpr int kPanel = 2 * kLanes;
+#if defined(__AVX512F__)
+constexpr int kPanelRows = 14;
+#else
 constexpr int kPanelRows = 6;
+#endif
 
-// out (NR, kPanel), row stride ld_out, = scale * rows (NR, d; row stride d) x panel (d, kPanel).
-// The panel block is contiguous, so its rows never collide in the L1 cache.
+// out (NR, kPanel), row stride ld_out, = scale * rows (NR, d; row stride ld_rows, default d) x
+// panel (d, kPanel), or out plus that product where `accumulate`. The panel block is contiguous,
+// so its rows never collide in the L1 cache.
 template <int NR>
 inline void panel_block(const float* rows, int d, const float* panel, float scale, float* out,
-                        int64_t ld_out) {
+                        int64_t ld_out, int64_t ld_rows = 0, bool accumulate = false) {
+  if (ld_rows == 0) ld_rows = d;
   vf acc[NR][2] = {};
   for (int k = 0; k < d; ++k) {
     const vf p0 = load(panel + k * kPanel);
     const vf p1 = load(panel + k * kPanel + kLanes);
     for (int a = 0; a < NR; ++a) {
-      const vf x = splat(rows[static_cast<int64_t>(a) * d + k]);
+      const vf x = splat(rows[a * ld_rows + k]);
       acc[a][0] += x * p0;
       acc[a][1] += x * p1;
     }
   }
   for (int a = 0; a < NR; ++a) {
-    store(out + a * ld_out, acc[a][0] * splat(scale));
-    store(out + a * ld_out + kLanes, acc[a][1] * splat(scale));
+    vf r0 = acc[a][0] * splat(scale), r1 = acc[a][1] * splat(scale);
+    if (accumulate) {
+      r0 += load(out + a * ld_out);
+      r1 += load(out + a * ld_out + kLanes);
+    }
+    store(out + a * ld_out, r0);
+    store(out + a * ld_out + kLanes, r1);
   }
 }
 
@@ -94,15 +107,29 @@ inline int workers(int64_t threads) {
                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// panel_block over nrows rows: register blocks of kPanelRows, then one row at a time.
+// panel_block of NR rows for NR = nrows (0 < nrows <= kPanelRows), chosen at run time.
+template <int NR = kPanelRows>
+inline void panel_block_of(int nrows, const float* rows, int d, const float* panel, float scale,
+                           float* out, int64_t ld_out, int64_t ld_rows = 0,
+                           bool accumulate = false) {
+  if constexpr (NR > 1) {
+    if (nrows < NR)
+      return panel_block_of<NR - 1>(nrows, rows, d, panel, scale, out, ld_out, ld_rows,
+                                    accumulate);
+  }
+  panel_block<NR>(rows, d, panel, scale, out, ld_out, ld_rows, accumulate);
+}
+
+// panel_block over nrows rows: register blocks of kPanelRows, then one block of the rest.
 inline void rows_times_panel(const float* rows, int nrows, int d, const float* panel,
                              float scale, float* out, int64_t ld_out) {
   int a = 0;
   for (; a + kPanelRows <= nrows; a += kPanelRows)
     panel_block<kPanelRows>(rows + static_cast<int64_t>(a) * d, d, panel, scale,
                             out + a * ld_out, ld_out);
-  for (; a < nrows; ++a)
-    panel_block<1>(rows + static_cast<int64_t>(a) * d, d, panel, scale, out + a * ld_out, ld_out);
+  if (a < nrows)
+    panel_block_of(nrows - a, rows + static_cast<int64_t>(a) * d, d, panel, scale,
+                   out + a * ld_out, ld_out);
 }
 
 // fn(item, worker) for items 0..n-1 on `threads` workers (this thread is worker 0), items taken

@@ -42,7 +42,7 @@ from jaxprune.attention import blocked_causal_attention, grouped_probs
 # Llama's generic helpers, re-exported: they need only `hidden`/`head` (the chunked NLL, whose
 # (t, 262144) logits are never held whole) and Llama's projection names, which Gemma shares.
 from jaxprune.models.llama import PROJECTIONS as PROJECTIONS
-from jaxprune.models.llama import QUERY_BLOCK
+from jaxprune.models.llama import QUERY_BLOCK, linear
 from jaxprune.models.llama import logits_fn as logits_fn
 from jaxprune.models.llama import make_forward as make_forward
 from jaxprune.models.llama import projection_kernels as projection_kernels
@@ -350,10 +350,6 @@ class RMSNorm(nnx.Module):
         return (normed * scale).astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
-
-
 class Attention(nnx.Module):
     """Grouped-query causal self-attention with q/k RMSNorm, RoPE and an optional window."""
 
@@ -363,10 +359,10 @@ class Attention(nnx.Module):
         # Static (part of the graph definition): sliding and global layers compile apart.
         self.window = c.layer_window(layer)
         self.query_scale = c.query_scale
-        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, dtype, rngs)
-        self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
-        self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
-        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, dtype, rngs)
+        self.q_proj = linear(c.hidden_size, c.num_heads * c.head_dim, dtype, rngs)
+        self.k_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
+        self.v_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype, rngs)
+        self.o_proj = linear(c.num_heads * c.head_dim, c.hidden_size, dtype, rngs)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
@@ -431,9 +427,9 @@ class MLP(nnx.Module):
     """GeGLU MLP ``down(gelu_tanh(gate(x)) * up(x))``."""
 
     def __init__(self, config: Gemma3Config, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
-        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
-        self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.up_proj = linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size, dtype, rngs)
 
     def __call__(
         self, x: Float[Array, "b t d"]
@@ -519,7 +515,7 @@ class Gemma3(nnx.Module):
         self.lm_head = (
             None
             if config.tie_embeddings
-            else _linear(config.hidden_size, config.vocab_size, dtype, rngs)
+            else linear(config.hidden_size, config.vocab_size, dtype, rngs)
         )
 
     def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:

@@ -32,6 +32,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxprune.attention import blocked_causal_attention, grouped_probs
 from jaxprune.kernels import head_nll as fused_head
+from jaxprune.kernels import matmul as fused_matmul
 from jaxprune.models.spec import AttentionSpec, QKExtras
 from jaxprune.rope import Llama3RopeScaling, apply_rope, rope_tables
 
@@ -267,8 +268,18 @@ class RMSNorm(nnx.Module):
         return weight * normed.astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    """A projection ``y = x @ kernel (+ bias)``; in float32 on a CPU its product runs in the fused
+    matmul kernel (:mod:`jaxprune.kernels.matmul`, XLA's elsewhere and for the derivatives)."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        dot_general=fused_matmul.dot_general,
+        rngs=rngs,
+    )
 
 
 class Attention(nnx.Module):
@@ -284,10 +295,10 @@ class Attention(nnx.Module):
         # Static (part of the graph definition): layers with and without a window compile apart.
         self.window = spec.window
         q_width, kv_width, biased = spec.q_width, spec.kv_width, c.attention_biases
-        self.q_proj = _linear(c.hidden_size, q_width, dtype, rngs, "q" in biased)
-        self.k_proj = _linear(c.hidden_size, kv_width, dtype, rngs, "k" in biased)
-        self.v_proj = _linear(c.hidden_size, kv_width, dtype, rngs, "v" in biased)
-        self.o_proj = _linear(q_width, c.hidden_size, dtype, rngs, "o" in biased)
+        self.q_proj = linear(c.hidden_size, q_width, dtype, rngs, "q" in biased)
+        self.k_proj = linear(c.hidden_size, kv_width, dtype, rngs, "k" in biased)
+        self.v_proj = linear(c.hidden_size, kv_width, dtype, rngs, "v" in biased)
+        self.o_proj = linear(q_width, c.hidden_size, dtype, rngs, "o" in biased)
         eps = spec.qk_norm_eps
         self.q_norm = None if eps is None else RMSNorm(c.head_dim, eps, dtype)
         self.k_norm = None if eps is None else RMSNorm(c.head_dim, eps, dtype)
@@ -373,9 +384,9 @@ class MLP(nnx.Module):
     """SwiGLU MLP ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
-        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
-        self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.up_proj = linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size, dtype, rngs)
 
     def __call__(
         self, x: Float[Array, "b t d"]
@@ -456,7 +467,7 @@ class Llama(nnx.Module):
         self.lm_head = (
             None
             if config.tie_embeddings
-            else _linear(config.hidden_size, config.vocab_size, dtype, rngs)
+            else linear(config.hidden_size, config.vocab_size, dtype, rngs)
         )
 
     def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
