@@ -132,7 +132,7 @@ void probs_values(const float* p, int rows, int ldp, const float* v, int m, int 
 
 ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                               float scale, int64_t window, int64_t threads) {
+                               float scale, int64_t window, int64_t threads, ffi::ThreadPool pool) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 5 || kd.size() != 4) {
@@ -155,7 +155,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   std::vector<float> kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
   parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg, int) {
     pack_panels(kp + bg * sh.t * sh.dh, sh.t, dh, kpacked.data() + bg * ld * sh.dh);
-  });
+  }, &pool);
 
   // Phase 2: work items (b, g, tile), the longest tiles (most keys) first. A tile's key panel
   // starts at its first visible key rounded down to a block; keys before it are masked.
@@ -188,7 +188,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       float* orows = op + (bi * sh.t + start) * hdh + (gi * sh.r + a) * sh.dh;
       probs_values(s.data(), rows, mpad, vpanel, m, dh, sums.data(), orows, hdh);
     }
-  });
+  }, &pool);
   return ffi::Error::Success();
 }
 
@@ -202,4 +202,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneCausalAttention, CausalAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());

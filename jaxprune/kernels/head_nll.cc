@@ -29,7 +29,7 @@ constexpr int64_t kGroups = 64;      // work items: contiguous groups of chunks
 
 ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::S32> targets, ffi::ResultBuffer<ffi::F32> out,
-                       int64_t threads) {
+                       int64_t threads, ffi::ThreadPool pool) {
   const auto hd = h.dimensions();
   const auto wd = w.dimensions();
   if (hd.size() != 2 || wd.size() != 2 || hd[1] != wd[1] || targets.dimensions().size() != 1 ||
@@ -93,7 +93,7 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
         }
       }
     }
-  });
+  }, &pool);
 
   // Merge the groups in order; subtract each token's target logit.
   const int64_t used = groups;
@@ -119,4 +119,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneHeadNll, HeadNllImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());

@@ -75,7 +75,7 @@ void rows_times_panels(const float* x, int64_t k, int64_t n, int64_t r_begin, in
 }
 
 ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+                      ffi::ResultBuffer<ffi::F32> out, int64_t threads, ffi::ThreadPool pool) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
@@ -98,7 +98,7 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       packed.resize(static_cast<size_t>((p1 - p0) * k * kPanel));
       pack_columns(wp, k, n, p0, p1, packed.data());
       rows_times_panels(xp, k, n, 0, m, packed.data(), p0, p1, op);
-    });
+    }, &pool);
     return ffi::Error::Success();
   }
   // Narrow: every panel packed once, then each worker takes a chunk of rows (about four chunks
@@ -106,7 +106,7 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   std::unique_ptr<float[]> packed(new float[panels * k * kPanel]);
   parallel_for(panels, nthreads, [&](int64_t p, int) {
     pack_columns(wp, k, n, p, p + 1, packed.get() + p * k * kPanel);
-  });
+  }, &pool);
   const int64_t blocks = (m + kPanelRows - 1) / kPanelRows;
   const int64_t chunk = std::max<int64_t>(1, (blocks + 4 * nthreads - 1) / (4 * nthreads));
   const int64_t chunks = (blocks + chunk - 1) / chunk;
@@ -117,7 +117,7 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       const int64_t p1 = std::min(panels, p0 + kGroupPanels);
       rows_times_panels(xp, k, n, r_begin, r_end, packed.get() + p0 * k * kPanel, p0, p1, op);
     }
-  });
+  }, &pool);
   return ffi::Error::Success();
 }
 
@@ -128,4 +128,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneMatmul, MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());

@@ -5,8 +5,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -132,18 +135,62 @@ inline void rows_times_panel(const float* rows, int nrows, int d, const float* p
                    out + a * ld_out, ld_out);
 }
 
-// fn(item, worker) for items 0..n-1 on `threads` workers (this thread is worker 0), items taken
-// in order as each worker frees up.
+// fn(item, worker) for items 0..n-1 on up to `threads` workers, items taken in order as each
+// worker frees up: this thread (worker 0) and threads - 1 tasks scheduled on `pool` (XLA's CPU
+// thread pool, whose idle threads would otherwise spin beside new ones), or on new threads where
+// pool is null. A task may start late (the pool busy with other work): one that starts after this
+// thread has run out of items does nothing, and this thread waits only for tasks under way.
+struct NoPool {  // no pool: tasks run on new threads
+  template <typename F>
+  void Schedule(F&&) {}
+};
+
+struct ParallelState {
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable idle;
+  int active = 0;
+  bool closed = false;
+};
+
+template <typename Fn, typename Pool>
+void parallel_for(int64_t n, int threads, Fn fn, Pool* pool) {
+  auto state = std::make_shared<ParallelState>();
+  auto drain = [&state, &fn, n](int worker) {
+    for (int64_t i = state->next++; i < n; i = state->next++) fn(i, worker);
+  };
+  std::vector<std::thread> own;
+  const int64_t helpers = std::min<int64_t>(threads, n) - 1;
+  for (int w = 1; w <= helpers; ++w) {
+    auto task = [state, run = &drain, w]() {
+      {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (state->closed) return;
+        ++state->active;
+      }
+      (*run)(w);
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (--state->active == 0) state->idle.notify_all();
+    };
+    if (pool != nullptr) {
+      pool->Schedule(std::move(task));
+    } else {
+      own.emplace_back(std::move(task));
+    }
+  }
+  drain(0);
+  {
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->closed = true;
+    state->idle.wait(lock, [&state] { return state->active == 0; });
+  }
+  for (auto& th : own) th.join();
+}
+
+// parallel_for on new threads.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
-  std::atomic<int64_t> next{0};
-  auto work = [&](int worker) {
-    for (int64_t i = next++; i < n; i = next++) fn(i, worker);
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
-  work(0);
-  for (auto& th : pool) th.join();
+  parallel_for(n, threads, fn, static_cast<NoPool*>(nullptr));
 }
 
 }  // namespace jaxprune_simd
