@@ -152,7 +152,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 
   // Phase 1: each group's keys packed in blocks of kColsS keys, each block (dh, kColsS),
   // zero-padded to ld keys.
-  std::vector<float> kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
+  Floats kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
   parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg, int) {
     pack_panels(kp + bg * sh.t * sh.dh, sh.t, dh, kpacked.data() + bg * ld * sh.dh);
   }, &pool);
@@ -172,7 +172,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     const int64_t first = visible / kColsS * kColsS;  // the panel: keys [first, end)
     const int m = static_cast<int>(end - first);
     const int mpad = (m + kColsS - 1) / kColsS * kColsS;  // first + mpad <= ld
-    thread_local std::vector<float> s, sums;
+    thread_local Floats s, sums;
     s.resize(static_cast<size_t>(rows) * mpad);
     sums.resize(rows);
     const float* panel = kpacked.data() + (bg * ld + first) * sh.dh;

@@ -51,7 +51,7 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
 
   // Tokens packed in blocks of kTokens, each block (d, kTokens), zero-padded.
   const int64_t blocks = (n + kTokens - 1) / kTokens;
-  std::vector<float> packed(static_cast<size_t>(blocks * d * kTokens), 0.0f);
+  Floats packed(static_cast<size_t>(blocks * d * kTokens), 0.0f);
   pack_panels(hp, n, d, packed.data());
 
   // The vocabulary's chunks in kGroups contiguous groups, each folded in order into its own
@@ -66,7 +66,7 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
   parallel_for(groups, nthreads, [&](int64_t group, int) {
     float* mx = run_max.data() + group * npad;
     float* sm = run_sum.data() + group * npad;
-    thread_local std::vector<float> tile;
+    thread_local Floats tile;
     tile.resize(static_cast<size_t>(kChunk) * kTokens);
     for (int64_t chunk = group * chunks / groups; chunk < (group + 1) * chunks / groups; ++chunk) {
       const int64_t v0 = chunk * kChunk;

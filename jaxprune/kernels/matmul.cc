@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "simd.h"
@@ -94,7 +93,7 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     // and runs every row against it.
     parallel_for(groups, nthreads, [&](int64_t g, int) {
       const int64_t p0 = g * kGroupPanels, p1 = std::min(panels, p0 + kGroupPanels);
-      thread_local std::vector<float> packed;
+      thread_local Floats packed;
       packed.resize(static_cast<size_t>((p1 - p0) * k * kPanel));
       pack_columns(wp, k, n, p0, p1, packed.data());
       rows_times_panels(xp, k, n, 0, m, packed.data(), p0, p1, op);
@@ -103,9 +102,9 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   // Narrow: every panel packed once, then each worker takes a chunk of rows (about four chunks
   // a worker, each a multiple of the register block) against all of them.
-  std::unique_ptr<float[]> packed(new float[panels * k * kPanel]);
+  Floats packed(static_cast<size_t>(panels * k * kPanel));
   parallel_for(panels, nthreads, [&](int64_t p, int) {
-    pack_columns(wp, k, n, p, p + 1, packed.get() + p * k * kPanel);
+    pack_columns(wp, k, n, p, p + 1, packed.data() + p * k * kPanel);
   }, &pool);
   const int64_t blocks = (m + kPanelRows - 1) / kPanelRows;
   const int64_t chunk = std::max<int64_t>(1, (blocks + 4 * nthreads - 1) / (4 * nthreads));
@@ -115,7 +114,7 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     const int64_t r_end = std::min(m, r_begin + chunk * kPanelRows);
     for (int64_t p0 = 0; p0 < panels; p0 += kGroupPanels) {
       const int64_t p1 = std::min(panels, p0 + kGroupPanels);
-      rows_times_panels(xp, k, n, r_begin, r_end, packed.get() + p0 * k * kPanel, p0, p1, op);
+      rows_times_panels(xp, k, n, r_begin, r_end, packed.data() + p0 * k * kPanel, p0, p1, op);
     }
   }, &pool);
   return ffi::Error::Success();
