@@ -139,3 +139,13 @@ def test_model_projections_use_the_kernel(monkeypatch):
     xla_nll, graph = nll("xla")
     assert fused.TARGET not in graph
     np.testing.assert_allclose(fused_nll, xla_nll, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_runs_the_kernel_only_on_cpus_where_it_was_measured(monkeypatch):
+    """``auto`` leaves the projections to XLA on a CPU without AVX-512; ``fused`` runs it."""
+    x, w = _arrays((64, 16), (16, 8), seed=6)
+    monkeypatch.setattr(fused, "measured_here", lambda: False)
+    assert not _product(x, w, setting="auto")[1]
+    assert _product(x, w, setting="fused")[1]
+    monkeypatch.setattr(fused, "measured_here", lambda: True)
+    assert _product(x, w, setting="auto")[1]

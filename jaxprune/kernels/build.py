@@ -56,7 +56,7 @@ def build(source: Path) -> Path:
         key.update(part.read_bytes())
     for part in (" ".join(FLAGS), cxx, include, jax.__version__):
         key.update(part.encode())
-    key.update(platform.machine().encode() + platform.node().encode() + _cpu_flags().encode())
+    key.update(platform.machine().encode() + platform.node().encode() + cpu_flags().encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -73,7 +73,7 @@ def build(source: Path) -> Path:
     return target
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU's feature flags (Linux), so a cache shared between machines never mixes builds."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

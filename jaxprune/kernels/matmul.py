@@ -3,13 +3,14 @@ with XLA's product as its derivative (the kernel computes forwards only)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxprune.kernels import loading
+from jaxprune.kernels import build, loading
 
 SOURCE = Path(__file__).with_name("matmul.cc")
 SYMBOL = "JaxpruneMatmul"
@@ -20,6 +21,14 @@ MIN_ROWS = 64
 # Wider products (an output head's vocabulary) go to XLA too: packing a matrix that wide reads
 # it with a large stride, and at 512 x 576 x 49,152 the kernel ran at 0.9 of XLA's speed.
 MAX_COLUMNS = 16384
+
+
+@functools.cache
+def measured_here() -> bool:
+    """Whether this CPU has AVX-512, where the kernel was measured faster than XLA's product (its
+    register blocks are sized for AVX-512's 32 vector registers). Elsewhere it is untested, and
+    ``JAXPRUNE_CPU_KERNELS=auto`` leaves the projections to XLA (``fused`` still runs it)."""
+    return " avx512f" in f" {build.cpu_flags()} "
 
 
 def available() -> bool:
@@ -43,7 +52,8 @@ def _plain(dimension_numbers, lhs, rhs) -> bool:
 def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preferred_element_type) -> bool:
     """Whether the kernel computes this product: ``JAXPRUNE_CPU_KERNELS`` allows it, both operands
     float32 on a CPU backend (the result too), a linear layer's contraction with at least
-    ``MIN_ROWS`` rows and at most ``MAX_COLUMNS`` columns, and the kernel builds.
+    ``MIN_ROWS`` rows and at most ``MAX_COLUMNS`` columns, a CPU where it was measured
+    (:func:`measured_here`) unless the setting is ``fused``, and the kernel builds.
 
     Raises:
       ValueError: a bad ``JAXPRUNE_CPU_KERNELS``, or ``fused`` where the kernel does not build.
@@ -55,6 +65,7 @@ def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preferred_element
         and _plain(dimension_numbers, lhs, rhs)
         and math.prod(lhs.shape[:-1]) >= MIN_ROWS
         and rhs.shape[-1] <= MAX_COLUMNS
+        and (loading.choice() == "fused" or measured_here())
     )
     return loading.use(SOURCE, SYMBOL, TARGET, fits)
 
