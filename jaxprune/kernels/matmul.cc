@@ -4,11 +4,13 @@
 // XLA's CPU dot runs at about 0.7 of PyTorch's speed at the models' shapes (2048 tokens against
 // kernels of 576 x 1536 and the like). This is the usual blocked form: w's columns packed in
 // panels of kPanel (each panel (k, kPanel) contiguous, so a register block streams it without
-// cache-set collisions), and register blocks of kPanelRows rows of x against one panel. A
-// worker takes a chunk of rows; in a chunk, each group of kGroupPanels panels (kept in the L2
-// cache) meets every register block of rows in turn, and a block's rows (in the L1 cache) meet
-// the group's panels. Every output element is one dot product in the order of k, so the result
-// does not depend on the scheduling or the number of threads.
+// cache-set collisions), and register blocks of kPanelRows rows of x against one panel, in
+// depth passes of kDepth. Each group of kGroupPanels panels (kept in the L2 cache) meets every
+// register block of rows in turn, and a block's rows (in the L1 cache) meet the group's panels.
+// A worker takes either a chunk of rows against every panel (few panels), or a group of panels
+// against every row (many). Every output element is summed in the same order (depth passes in
+// turn, each in the order of k) whoever computes it, so the result does not depend on the
+// scheduling or the number of threads.
 //
 // Layouts (row-major): x (m, k); w (k, n); out (m, n).
 
