@@ -23,8 +23,7 @@ typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // An allocator of 64-byte-aligned memory: a vector (64 bytes) loaded from an unaligned address
-// spans two cache lines and costs two loads, and malloc's 16-byte alignment made the kernels'
-// speed depend on where the heap happened to place their buffers.
+// spans two cache lines and costs two loads, and malloc aligns only to 16 bytes.
 template <typename T>
 struct Aligned64 {
   using value_type = T;
