@@ -132,7 +132,8 @@ void probs_values(const float* p, int rows, int ldp, const float* v, int m, int 
 
 ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                               float scale, int64_t window, int64_t threads, ffi::ThreadPool pool) {
+                               float scale, int64_t window, int64_t threads,
+                               ffi::ThreadPool pool) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 5 || kd.size() != 4) {
@@ -153,15 +154,15 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   // Phase 1: each group's keys packed in blocks of kColsS keys, each block (dh, kColsS),
   // zero-padded to ld keys.
   Floats kpacked(static_cast<size_t>(sh.b * sh.g * ld * sh.dh), 0.0f);
-  parallel_for(sh.b * sh.g, nthreads, [&](int64_t bg, int) {
+  parallel_for(sh.b * sh.g, nthreads, pool, [&](int64_t bg, int) {
     pack_panels(kp + bg * sh.t * sh.dh, sh.t, dh, kpacked.data() + bg * ld * sh.dh);
-  }, &pool);
+  });
 
   // Phase 2: work items (b, g, tile), the longest tiles (most keys) first. A tile's key panel
   // starts at its first visible key rounded down to a block; keys before it are masked.
   const int64_t tiles = (sh.t + kTileRows - 1) / kTileRows;
   const int64_t hdh = sh.g * sh.r * sh.dh;
-  parallel_for(sh.b * sh.g * tiles, nthreads, [&](int64_t item, int) {
+  parallel_for(sh.b * sh.g * tiles, nthreads, pool, [&](int64_t item, int) {
     const int64_t tile = tiles - 1 - item % tiles;
     const int64_t bg = item / tiles;
     const int64_t bi = bg / sh.g, gi = bg % sh.g;
@@ -188,7 +189,7 @@ ffi::Error CausalAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       float* orows = op + (bi * sh.t + start) * hdh + (gi * sh.r + a) * sh.dh;
       probs_values(s.data(), rows, mpad, vpanel, m, dh, sums.data(), orows, hdh);
     }
-  }, &pool);
+  });
   return ffi::Error::Success();
 }
 

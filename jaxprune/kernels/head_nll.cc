@@ -63,7 +63,7 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
   const int64_t groups = std::min<int64_t>(kGroups, chunks);
   std::vector<float> run_max(static_cast<size_t>(groups * npad), neg);
   std::vector<float> run_sum(static_cast<size_t>(groups * npad), 0.0f);
-  parallel_for(groups, nthreads, [&](int64_t group, int) {
+  parallel_for(groups, nthreads, pool, [&](int64_t group, int) {
     float* mx = run_max.data() + group * npad;
     float* sm = run_sum.data() + group * npad;
     thread_local Floats tile;
@@ -93,7 +93,7 @@ ffi::Error HeadNllImpl(ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> w,
         }
       }
     }
-  }, &pool);
+  });
 
   // Merge the groups in order; subtract each token's target logit.
   const int64_t used = groups;

@@ -93,32 +93,32 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   if (groups >= 2 * nthreads) {
     // Wide: each worker takes a group of panels, packs it into its own buffer (in its cache)
     // and runs every row against it.
-    parallel_for(groups, nthreads, [&](int64_t g, int) {
+    parallel_for(groups, nthreads, pool, [&](int64_t g, int) {
       const int64_t p0 = g * kGroupPanels, p1 = std::min(panels, p0 + kGroupPanels);
       thread_local Floats packed;
       packed.resize(static_cast<size_t>((p1 - p0) * k * kPanel));
       pack_columns(wp, k, n, p0, p1, packed.data());
       rows_times_panels(xp, k, n, 0, m, packed.data(), p0, p1, op);
-    }, &pool);
+    });
     return ffi::Error::Success();
   }
   // Narrow: every panel packed once, then each worker takes a chunk of rows (about four chunks
   // a worker, each a multiple of the register block) against all of them.
   Floats packed(static_cast<size_t>(panels * k * kPanel));
-  parallel_for(panels, nthreads, [&](int64_t p, int) {
+  parallel_for(panels, nthreads, pool, [&](int64_t p, int) {
     pack_columns(wp, k, n, p, p + 1, packed.data() + p * k * kPanel);
-  }, &pool);
+  });
   const int64_t blocks = (m + kPanelRows - 1) / kPanelRows;
   const int64_t chunk = std::max<int64_t>(1, (blocks + 4 * nthreads - 1) / (4 * nthreads));
   const int64_t chunks = (blocks + chunk - 1) / chunk;
-  parallel_for(chunks, nthreads, [&](int64_t c, int) {
+  parallel_for(chunks, nthreads, pool, [&](int64_t c, int) {
     const int64_t r_begin = c * chunk * kPanelRows;
     const int64_t r_end = std::min(m, r_begin + chunk * kPanelRows);
     for (int64_t p0 = 0; p0 < panels; p0 += kGroupPanels) {
       const int64_t p1 = std::min(panels, p0 + kGroupPanels);
       rows_times_panels(xp, k, n, r_begin, r_end, packed.data() + p0 * k * kPanel, p0, p1, op);
     }
-  }, &pool);
+  });
   return ffi::Error::Success();
 }
 

@@ -170,16 +170,7 @@ inline void rows_times_panel(const float* rows, int nrows, int d, const float* p
                    out + a * ld_out, ld_out);
 }
 
-// fn(item, worker) for items 0..n-1 on up to `threads` workers, items taken in order as each
-// worker frees up: this thread (worker 0) and threads - 1 tasks scheduled on `pool` (XLA's CPU
-// thread pool, whose idle threads would otherwise spin beside new ones), or on new threads where
-// pool is null. A task may start late (the pool busy with other work): one that starts after this
-// thread has run out of items does nothing, and this thread waits only for tasks under way.
-struct NoPool {  // no pool: tasks run on new threads
-  template <typename F>
-  void Schedule(F&&) {}
-};
-
+// Shared by parallel_for's calling thread and its pool tasks (a task may outlive the call).
 struct ParallelState {
   std::atomic<int64_t> next{0};
   std::mutex mu;
@@ -188,16 +179,20 @@ struct ParallelState {
   bool closed = false;
 };
 
+// fn(item, worker) for items 0..n-1 on up to `threads` workers, items taken in order as each
+// worker frees up: this thread (worker 0) and threads - 1 tasks scheduled on `pool` (XLA's CPU
+// thread pool: with threads of our own, its idle workers spun beside them). A task may start
+// late (the pool busy with other work): one that starts after this thread has run out of items
+// does nothing, and this thread waits only for tasks under way.
 template <typename Fn, typename Pool>
-void parallel_for(int64_t n, int threads, Fn fn, Pool* pool) {
+void parallel_for(int64_t n, int threads, Pool& pool, Fn fn) {
   auto state = std::make_shared<ParallelState>();
   auto drain = [&state, &fn, n](int worker) {
     for (int64_t i = state->next++; i < n; i = state->next++) fn(i, worker);
   };
-  std::vector<std::thread> own;
   const int64_t helpers = std::min<int64_t>(threads, n) - 1;
   for (int w = 1; w <= helpers; ++w) {
-    auto task = [state, run = &drain, w]() {
+    pool.Schedule([state, run = &drain, w]() {
       {
         std::lock_guard<std::mutex> lock(state->mu);
         if (state->closed) return;
@@ -206,26 +201,12 @@ void parallel_for(int64_t n, int threads, Fn fn, Pool* pool) {
       (*run)(w);
       std::lock_guard<std::mutex> lock(state->mu);
       if (--state->active == 0) state->idle.notify_all();
-    };
-    if (pool != nullptr) {
-      pool->Schedule(std::move(task));
-    } else {
-      own.emplace_back(std::move(task));
-    }
+    });
   }
   drain(0);
-  {
-    std::unique_lock<std::mutex> lock(state->mu);
-    state->closed = true;
-    state->idle.wait(lock, [&state] { return state->active == 0; });
-  }
-  for (auto& th : own) th.join();
-}
-
-// parallel_for on new threads.
-template <typename Fn>
-void parallel_for(int64_t n, int threads, Fn fn) {
-  parallel_for(n, threads, fn, static_cast<NoPool*>(nullptr));
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->closed = true;
+  state->idle.wait(lock, [&state] { return state->active == 0; });
 }
 
 }  // namespace jaxprune_simd
